@@ -1,0 +1,305 @@
+"""HF checkpoint folders <-> (LlamaConfig, parameter pytree).
+
+    load_hf("path/to/hf-llama")  ->  (cfg, params)      params as in `spsft_jax.llama`
+    save_hf("out", cfg, params)  ->  out/config.json, out/model*.safetensors[, index], tokenizer files
+
+Names map declaratively: our pytree keeps HF's module names, so an HF key is
+the prefix of its top-level entry plus the leaf path, with `{i}` the layer index
+of a stacked leaf. Weights are `[out, in]` on both sides: no transposes.
+Tensors are read one at a time into preallocated stacked buffers, so host memory
+never holds a second copy of the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from spsft_jax import llama
+from spsft_jax.atomic import atomic_dir
+
+# Our top-level entry -> HF key prefix; "{i}" marks leaves stacked over layers.
+HF_PREFIX = {
+    "embed_tokens": "model.embed_tokens",
+    "layers": "model.layers.{i}",
+    "norm": "model.norm",
+    "lm_head": "lm_head",
+}
+# Buffers older checkpoints saved that carry no weights of ours.
+IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def _np_dtype(dtype) -> np.dtype:
+    name = jnp.dtype(dtype).name
+    if name not in _NP_DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; choose one of {sorted(_NP_DTYPES)}")
+    return np.dtype(_NP_DTYPES[name])
+
+
+def _leaf_paths(tree: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        yield tuple(k.key for k in path), leaf
+
+
+def hf_names(cfg: llama.LlamaConfig) -> dict[str, tuple[tuple[str, ...], int | None]]:
+    """HF tensor name -> (our leaf path, layer index or None), for every parameter."""
+    names = {}
+    for path, _ in _leaf_paths(llama.param_shapes(cfg)):
+        prefix = HF_PREFIX[path[0]]
+        suffix = ".".join(path[1:])
+        if "{i}" in prefix:
+            for i in range(cfg.num_layers):
+                names[f"{prefix.format(i=i)}.{suffix}"] = (path, i)
+        else:
+            names[f"{prefix}.{suffix}"] = (path, None)
+    return names
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, in the order to read them."""
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = folder / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise ValueError(f"{index}: not a valid checkpoint index ({err})") from None
+            files = [folder / f for f in dict.fromkeys(weight_map.values())]
+            for f in files:
+                if not f.exists():
+                    raise FileNotFoundError(f"{index}: lists shard {f.name}, which is missing")
+            return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).exists():
+            return [folder / single]
+    raise FileNotFoundError(
+        f"{folder}: no weights found (looked for model.safetensors, {SAFETENSORS_INDEX}, "
+        f"pytorch_model.bin, {BIN_INDEX})"
+    )
+
+
+def _read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    with safe_open(path, framework="numpy") as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
+
+
+def _read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    import pickle
+
+    import torch  # only the .bin format needs torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{path}: refused to load: the pickle holds objects other than tensors ({first_line})"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{path}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        if tensor.dtype == torch.bfloat16:
+            yield name, tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            yield name, tensor.numpy()
+
+
+def _read_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    reader = _read_safetensors if path.suffix == ".safetensors" else _read_torch_bin
+    return reader(path)
+
+
+def _checkpoint_dtype(files: list[Path]) -> np.dtype:
+    """The dtype of the first floating-point tensor (the checkpoint's storage dtype)."""
+    first = files[0]
+    if first.suffix == ".safetensors":
+        with safe_open(first, framework="numpy") as f:
+            for name in f.keys():
+                dtype = f.get_slice(name).get_dtype()
+                return np.dtype({"F32": np.float32, "F16": np.float16,
+                                 "BF16": ml_dtypes.bfloat16}.get(dtype, np.float32))
+    for _, tensor in _read_tensors(first):
+        return tensor.dtype
+    return np.dtype(np.float32)
+
+
+def load_hf(path: str | os.PathLike, dtype=None) -> tuple[llama.LlamaConfig, llama.Params]:
+    """Load an HF Llama checkpoint folder as `(cfg, params)`.
+
+    dtype: the parameters' dtype (float32, bfloat16, float16); None keeps the checkpoint's.
+    Reads `model.safetensors`, a sharded safetensors index, or `pytorch_model.bin`
+    (with `weights_only=True`: pickles holding anything but tensors are refused).
+    """
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: missing; an HF model folder needs config.json")
+    cfg = llama.LlamaConfig.from_json_file(config_file)
+    files = _weight_files(folder)
+    target = _np_dtype(dtype) if dtype is not None else _checkpoint_dtype(files)
+
+    expected = hf_names(cfg)
+    shapes = {p: leaf.shape for p, leaf in _leaf_paths(llama.param_shapes(cfg))}
+    buffers = {p: np.empty(shape, target) for p, shape in shapes.items()}
+    seen: set[str] = set()
+    for file in files:
+        for name, tensor in _read_tensors(file):
+            if name not in expected:
+                if IGNORED_TENSORS.fullmatch(name) or (
+                    name == "lm_head.weight" and cfg.tie_word_embeddings
+                ):
+                    continue
+                raise ValueError(f"{file}: unexpected tensor {name!r} for this config")
+            leaf_path, layer = expected[name]
+            want = shapes[leaf_path][1:] if layer is not None else shapes[leaf_path]
+            if tensor.shape != tuple(want):
+                raise ValueError(
+                    f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"config.json implies {tuple(want)}"
+                )
+            dest = buffers[leaf_path] if layer is None else buffers[leaf_path][layer]
+            dest[...] = tensor.astype(target, copy=False)
+            seen.add(name)
+    missing = sorted(set(expected) - seen, key=_natural_key)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{folder}: missing tensor(s) {shown}")
+    params = _nest({p: _to_device(buffers, p) for p in list(buffers)})
+    return cfg, params
+
+
+def _to_device(buffers: dict, path) -> jax.Array:
+    # Hand each buffer to JAX and drop the host copy before the next one.
+    return jnp.asarray(buffers.pop(path))
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "5GB", "500MB", "2GiB"."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size={size!r}: expected bytes or a size such as '5GB'")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = "BKMGT".index(unit[0]) if unit[0] in "KMGT" else 0
+    return int(number * base**power)
+
+
+def _shard_plan(cfg: llama.LlamaConfig, params: llama.Params, itemsize, limit: int) -> list[list[str]]:
+    """HF names grouped into shards of at most `limit` bytes (a larger tensor gets its own)."""
+    names = hf_names(cfg)
+    leaves = dict(_leaf_paths(params))
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(names, key=_natural_key):
+        path, layer = names[name]
+        if path not in leaves:
+            raise ValueError(f"params: missing leaf {'/'.join(path)} (HF tensor {name!r})")
+        shape = leaves[path].shape[1:] if layer is not None else leaves[path].shape
+        nbytes = int(np.prod(shape)) * (itemsize or leaves[path].dtype.itemsize)
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _host_tensors(cfg, params, names: list[str], dtype) -> dict[str, np.ndarray]:
+    where = hf_names(cfg)
+    leaves = dict(_leaf_paths(params))
+    out = {}
+    for name in names:
+        path, layer = where[name]
+        array = np.asarray(leaves[path] if layer is None else leaves[path][layer])
+        out[name] = array if dtype is None else array.astype(dtype)
+    return out
+
+
+def save_hf(
+    path: str | os.PathLike,
+    cfg: llama.LlamaConfig,
+    params: llama.Params,
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype=None,
+    tokenizer_from: str | os.PathLike | None = None,
+) -> Path:
+    """Write an HF checkpoint folder that `transformers.AutoModelForCausalLM` loads.
+
+    dtype: storage dtype; None keeps the parameters'. Tokenizer files are copied from
+    `tokenizer_from`, by default the folder the config was loaded from.
+    The folder is written beside `path` and renamed into place when complete;
+    shards are gathered to the host one at a time.
+    """
+    target = _np_dtype(dtype) if dtype is not None else None
+    first = jax.tree_util.tree_leaves(params)[0]
+    storage = target or _np_dtype(first.dtype)
+    dtype_name = {np.dtype(v): k for k, v in _NP_DTYPES.items()}[np.dtype(storage)]
+    shards = _shard_plan(cfg, params, target.itemsize if target else None, parse_size(max_shard_size))
+    source = Path(tokenizer_from) if tokenizer_from else (
+        Path(cfg.source_dir) if cfg.source_dir else None
+    )
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(dtype_name), indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(_host_tensors(cfg, params, shards[0], target), tmp / "model.safetensors",
+                      metadata={"format": "pt"})
+        else:
+            weight_map, total = {}, 0
+            for i, names in enumerate(shards, 1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                tensors = _host_tensors(cfg, params, names, target)
+                save_file(tensors, tmp / file, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(names, file))
+                total += sum(t.nbytes for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        # Read before the old folder is replaced, so saving over the source keeps them.
+        if source is not None:
+            for name in TOKENIZER_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
+    return Path(path)

@@ -1,0 +1,544 @@
+"""A functional Llama (2, 3, 3.1, 3.2) that computes the same logits as
+`transformers.LlamaForCausalLM`.
+
+Parameters are a plain pytree in HF layout (`[out, in]` weights) and HF names,
+with the decoder layers stacked on a leading axis of length `num_layers`:
+
+    params = {
+      "embed_tokens": {"weight": [vocab, hidden]},
+      "layers": {                                   # every leaf has a leading [L] axis
+        "input_layernorm":          {"weight": [L, hidden]},
+        "self_attn": {"q_proj": {"weight": [L, heads*head_dim, hidden], "bias"?: [L, heads*head_dim]},
+                      "k_proj": {...}, "v_proj": {...}, "o_proj": {...}},
+        "post_attention_layernorm": {"weight": [L, hidden]},
+        "mlp": {"gate_proj": {"weight": [L, ffn, hidden]}, "up_proj": {...}, "down_proj": {...}},
+      },
+      "norm": {"weight": [hidden]},
+      "lm_head": {"weight": [vocab, hidden]},       # absent when embeddings are tied
+    }
+
+A `delta` is an optional pytree with the same nesting whose leaves are delta
+objects (see `spsft_jax.delta`) sitting where a linear module or a norm is,
+e.g. `{"layers": {"mlp": {"up_proj": RowDelta(...)}}}`. Every linear in the
+model goes through `linear`, the one place where a frozen weight meets its
+trainable delta; the model does not know which method is training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = dict[str, Any]
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling (`rope_type` "linear" or "llama3")."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of a Llama model; hashable, so it can be a static jit argument."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # Token ids carried through to an exported config.json.
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    # Folder the config was read from (tokenizer files are copied from it on export);
+    # not part of the architecture, so it takes no part in equality or hashing.
+    source_dir: str | None = dataclasses.field(default=None, compare=False, hash=False)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """`[out, in]` of every per-layer linear, keyed by module name."""
+        d, f = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (self.q_size, d),
+            "k_proj": (self.kv_size, d),
+            "v_proj": (self.kv_size, d),
+            "o_proj": (d, self.q_size),
+            "gate_proj": (f, d),
+            "up_proj": (f, d),
+            "down_proj": (d, f),
+        }
+
+    def num_params(self) -> int:
+        per_layer = sum(o * i for o, i in self.linear_shapes().values()) + 2 * self.hidden_size
+        if self.attention_bias:
+            per_layer += self.q_size + 2 * self.kv_size + self.hidden_size
+        if self.mlp_bias:
+            per_layer += 2 * self.intermediate_size + self.hidden_size
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embeddings + self.hidden_size
+
+    # ---- HF config.json <-> LlamaConfig
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], *, source: str = "config.json") -> "LlamaConfig":
+        """Build from an HF `config.json` dict; raise on anything we would compute differently."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"{source}: model_type {model_type!r} is not supported; supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        for key, allowed in _MUST_EQUAL.items():
+            if key in hf and hf[key] not in allowed:
+                raise ValueError(
+                    f"{source}: unsupported config attribute {key}={hf[key]!r} "
+                    f"(supported: {', '.join(map(repr, allowed))})"
+                )
+        unknown = sorted(set(hf) - _MODEL_KEYS - _IGNORED_KEYS - set(_MUST_EQUAL))
+        if unknown:
+            raise ValueError(f"{source}: unsupported config attribute(s): {', '.join(unknown)}")
+        try:
+            heads = int(hf["num_attention_heads"])
+            hidden = int(hf["hidden_size"])
+            theta, scaling = _rope_from_hf(hf, source)
+            eos = hf.get("eos_token_id")
+            return cls(
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(hf["intermediate_size"]),
+                num_layers=int(hf["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+                head_dim=int(hf.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                attention_bias=bool(hf.get("attention_bias", False)),
+                mlp_bias=bool(hf.get("mlp_bias", False)),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+                pad_token_id=hf.get("pad_token_id"),
+            )
+        except KeyError as missing:
+            raise ValueError(f"{source}: required attribute {missing.args[0]!r} is missing") from None
+
+    def to_hf(self, dtype: str = "float32") -> dict[str, Any]:
+        """The `config.json` dict that `transformers` loads as this architecture."""
+        rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling is not None:
+            rope.update(dataclasses.asdict(self.rope_scaling))
+            if self.rope_scaling.rope_type == "linear":
+                for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                    rope.pop(key)
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": dtype,
+            "dtype": dtype,
+        }
+
+    @classmethod
+    def from_json_file(cls, path) -> "LlamaConfig":
+        with open(path) as f:
+            try:
+                hf = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+        cfg = cls.from_hf(hf, source=str(path))
+        return dataclasses.replace(cfg, source_dir=os.path.dirname(os.path.abspath(path)))
+
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+_MODEL_KEYS = {
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+    "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
+    "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id",
+}
+# Attributes that only matter to training tricks, generation or bookkeeping in transformers.
+_IGNORED_KEYS = {
+    "architectures", "transformers_version", "torch_dtype", "dtype", "initializer_range",
+    "use_cache", "attention_dropout", "_name_or_path", "output_hidden_states", "output_attentions",
+    "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id",
+    "problem_type", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params", "finetuning_task", "tf_legacy_loss", "use_bfloat16",
+    "torchscript", "pruned_heads", "tie_encoder_decoder", "add_cross_attention",
+    "cross_attention_hidden_size", "is_decoder", "_attn_implementation_autoset",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "temperature",
+    "top_k", "top_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate",
+    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    "num_beam_groups", "diversity_penalty", "typical_p", "encoder_no_repeat_ngram_size",
+    "pretraining_tp",  # transformers' Llama no longer reads it
+}
+_MUST_EQUAL = {"hidden_act": ("silu",)}
+_ROPE_KEYS = {
+    "rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings",
+}
+
+
+def _rope_from_hf(hf: Mapping[str, Any], source: str) -> tuple[float, RopeScaling | None]:
+    rope = dict(hf.get("rope_parameters") or {})
+    rope.update(hf.get("rope_scaling") or {})
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    unknown = sorted(set(rope) - _ROPE_KEYS)
+    if unknown:
+        raise ValueError(f"{source}: unsupported rope attribute(s): {', '.join(unknown)}")
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "linear":
+        return theta, RopeScaling("linear", float(rope["factor"]))
+    if rope_type == "llama3":
+        return theta, RopeScaling(
+            "llama3",
+            float(rope["factor"]),
+            float(rope["low_freq_factor"]),
+            float(rope["high_freq_factor"]),
+            int(rope["original_max_position_embeddings"]),
+        )
+    raise ValueError(
+        f"{source}: unsupported rope_type {rope_type!r} (supported: 'default', 'linear', 'llama3')"
+    )
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+    """Random parameters (normal weights, unit norms, zero biases), as transformers initialises."""
+    keys = iter(jax.random.split(key, 16))
+    L = cfg.num_layers
+
+    def normal(shape):
+        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    def module(name, with_bias):
+        out, inp = cfg.linear_shapes()[name]
+        m = {"weight": normal((L, out, inp))}
+        if with_bias:
+            m["bias"] = jnp.zeros((L, out), dtype)
+        return m
+
+    def ones(shape):
+        return jnp.ones(shape, dtype)
+
+    params = {
+        "embed_tokens": {"weight": normal((cfg.vocab_size, cfg.hidden_size))},
+        "layers": {
+            "input_layernorm": {"weight": ones((L, cfg.hidden_size))},
+            "self_attn": {n: module(n, cfg.attention_bias) for n in ATTENTION_MODULES},
+            "post_attention_layernorm": {"weight": ones((L, cfg.hidden_size))},
+            "mlp": {n: module(n, cfg.mlp_bias) for n in MLP_MODULES},
+        },
+        "norm": {"weight": ones((cfg.hidden_size,))},
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"weight": normal((cfg.vocab_size, cfg.hidden_size))}
+    return params
+
+
+def param_shapes(cfg: LlamaConfig, dtype=jnp.float32) -> Params:
+    """The parameter pytree as `jax.ShapeDtypeStruct`s, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def subtree(tree: Any, *keys: str) -> Any:
+    """`tree[k1][k2]...`, or None where a level is missing (deltas cover few modules)."""
+    for k in keys:
+        if not isinstance(tree, Mapping) or k not in tree:
+            return None
+        tree = tree[k]
+    return tree
+
+
+def linear(x: jax.Array, module: Mapping[str, jax.Array], delta=None) -> jax.Array:
+    """`x @ W.T (+ delta) (+ b)` for an HF-layout `[out, in]` weight.
+
+    The one place where a frozen weight meets its trainable delta: a delta object
+    adds its own contribution to the frozen product `y = x @ W.T` (`delta.apply(x, y)`),
+    so the merged weight is never formed.
+    """
+    y = jnp.einsum("...i,oi->...o", x, module["weight"])
+    if delta is not None:
+        y = delta.apply(x, y)
+    if "bias" in module:
+        y = y + module["bias"]
+    return y
+
+
+def rms_norm(x: jax.Array, module: Mapping[str, jax.Array], eps: float, delta=None) -> jax.Array:
+    weight = module["weight"]
+    if delta is not None:
+        weight = delta.merge(weight)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies of the rotary embedding, with the config's scaling applied."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.rope_type == "linear":
+        return inv_freq / s.factor
+    # llama3: leave high frequencies, divide low ones by `factor`, blend in between.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rope_tables(cfg: LlamaConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of shape `[..., head_dim]` for integer `positions`."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate `x [B, T, heads, head_dim]` by the tables `[B, T, head_dim]` (HF's rotate_half)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Grouped-query attention.
+
+    q: [B, Tq, heads, hd]; k, v: [B, Tk, kv_heads, hd]; allowed: [B, Tq, Tk] bool.
+    Returns [B, Tq, heads, hd]. Scores and softmax are in float32, as transformers' eager path.
+    """
+    b, tq, heads, hd = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, tq, kv_heads, heads // kv_heads, hd)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * (hd**-0.5)
+    scores = scores.astype(jnp.float32)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+    return out.reshape(b, tq, heads, hd)
+
+
+def attention_mask_2d(
+    q_positions: jax.Array, kv_positions: jax.Array, kv_valid: jax.Array
+) -> jax.Array:
+    """Causal mask over original positions combined with key padding: `[B, Tq, Tk]` bool."""
+    return (kv_positions[:, None, :] <= q_positions[:, :, None]) & kv_valid[:, None, :]
+
+
+# --------------------------------------------------------------------------- decoder layer
+
+
+def attention_projections(cfg, layer, layer_delta, x, cos, sin):
+    """Normed input -> rotated q `[B,T,H,hd]`, k and v `[B,T,KV,hd]`."""
+    b, t, _ = x.shape
+
+    def proj(name, heads):
+        y = linear(x, layer["self_attn"][name], subtree(layer_delta, "self_attn", name))
+        return y.reshape(b, t, heads, cfg.head_dim)
+
+    q = apply_rope(proj("q_proj", cfg.num_heads), cos, sin)
+    k = apply_rope(proj("k_proj", cfg.num_kv_heads), cos, sin)
+    v = proj("v_proj", cfg.num_kv_heads)
+    return q, k, v
+
+
+def attention_output(cfg, layer, layer_delta, attn: jax.Array) -> jax.Array:
+    b, t = attn.shape[:2]
+    return linear(attn.reshape(b, t, cfg.q_size), layer["self_attn"]["o_proj"],
+                  subtree(layer_delta, "self_attn", "o_proj"))
+
+
+def mlp_block(cfg, layer, layer_delta, h: jax.Array) -> jax.Array:
+    """Residual MLP half of a decoder layer: `h + down(silu(gate(n)) * up(n))`."""
+    mlp, d = layer["mlp"], subtree(layer_delta, "mlp")
+    x = rms_norm(h, layer["post_attention_layernorm"], cfg.rms_norm_eps,
+                 subtree(layer_delta, "post_attention_layernorm"))
+    gated = jax.nn.silu(linear(x, mlp["gate_proj"], subtree(d, "gate_proj"))) * linear(
+        x, mlp["up_proj"], subtree(d, "up_proj")
+    )
+    return h + linear(gated, mlp["down_proj"], subtree(d, "down_proj"))
+
+
+def decoder_layer(cfg, layer, layer_delta, h, cos, sin, allowed):
+    """One Llama decoder layer on hidden states `h [B, T, hidden]`."""
+    x = rms_norm(h, layer["input_layernorm"], cfg.rms_norm_eps,
+                 subtree(layer_delta, "input_layernorm"))
+    q, k, v = attention_projections(cfg, layer, layer_delta, x, cos, sin)
+    h = h + attention_output(cfg, layer, layer_delta, attend(q, k, v, allowed))
+    return mlp_block(cfg, layer, layer_delta, h)
+
+
+# --------------------------------------------------------------------------- model
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # save nothing inside a layer, recompute it all in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_layer(fn: Callable, remat: str | Callable | bool | None) -> Callable:
+    """Wrap a scanned layer body in `jax.checkpoint` with a named or given policy."""
+    if not remat:
+        return fn
+    if remat is True:
+        remat = "full"
+    if isinstance(remat, str):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
+        policy = REMAT_POLICIES[remat]
+    else:
+        policy = remat
+    return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+
+
+def embed(params: Params, input_ids: jax.Array, delta=None) -> jax.Array:
+    table = params["embed_tokens"]["weight"]
+    d = subtree(delta, "embed_tokens")
+    if d is not None:
+        table = d.merge(table)
+    return table[input_ids]
+
+
+def head(cfg: LlamaConfig, params: Params, h: jax.Array, delta=None) -> jax.Array:
+    """Final norm and LM head: hidden states -> logits."""
+    h = rms_norm(h, params["norm"], cfg.rms_norm_eps, subtree(delta, "norm"))
+    weights = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
+    return linear(h, weights, subtree(delta, "lm_head"))
+
+
+def default_positions(input_ids: jax.Array) -> jax.Array:
+    """Positions 0..T-1 for every row, as transformers uses when none are given."""
+    b, t = input_ids.shape
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+def hidden_states(
+    cfg: LlamaConfig,
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    delta=None,
+    *,
+    position_ids: jax.Array | None = None,
+    remat: str | Callable | bool | None = None,
+) -> jax.Array:
+    """Embeddings through all decoder layers (scanned), before the final norm."""
+    positions = default_positions(input_ids) if position_ids is None else position_ids
+    valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+    h = embed(params, input_ids, delta)
+    cos, sin = rope_tables(cfg, positions, h.dtype)
+    allowed = attention_mask_2d(positions, positions, valid)
+
+    def body(h, layer_and_delta):
+        layer, layer_delta = layer_and_delta
+        return decoder_layer(cfg, layer, layer_delta, h, cos, sin, allowed), None
+
+    h, _ = jax.lax.scan(remat_layer(body, remat), h, (params["layers"], subtree(delta, "layers")))
+    return h
+
+
+def forward(
+    cfg: LlamaConfig,
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    delta=None,
+    *,
+    position_ids: jax.Array | None = None,
+    remat: str | Callable | bool | None = None,
+) -> jax.Array:
+    """Logits `[B, T, vocab]` for `input_ids [B, T]`.
+
+    attention_mask: `[B, T]`, 1 for real tokens, 0 for padding (left or right).
+    delta: optional trainable delta pytree (see module docstring).
+    position_ids: `[B, T]`; default 0..T-1 per row, as transformers.
+    remat: None, "full", "dots", "nothing" or a `jax.checkpoint` policy for the layer body.
+
+    >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
+    ...                   num_heads=4, num_kv_heads=2, head_dim=4)
+    >>> params = init_params(cfg, jax.random.key(0))
+    >>> forward(cfg, params, jnp.zeros((1, 5), jnp.int32)).shape
+    (1, 5, 32)
+    """
+    h = hidden_states(cfg, params, input_ids, attention_mask, delta,
+                      position_ids=position_ids, remat=remat)
+    return head(cfg, params, h, delta)

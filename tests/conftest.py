@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random Llama checkpoints made with transformers, no downloads."""
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
+
+# Attention and rope variants the parity tests run over.
+VARIANTS = {
+    "mha": dict(num_key_value_heads=4),
+    "gqa": dict(),
+    "mqa": dict(num_key_value_heads=1),
+    "llama3-rope": dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "linear-rope": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "tied": dict(tie_word_embeddings=True),
+    "head-dim": dict(head_dim=12),
+    "bias": dict(attention_bias=True, mlp_bias=True),
+}
+
+
+def make_hf_model(folder, seed: int = 0, dtype="float32", **overrides):
+    """Save a random `LlamaForCausalLM` (eager attention) to `folder`; return it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY, **overrides})
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # give norms and biases non-trivial values so they are tested
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_logits(model, input_ids, attention_mask=None) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(np.asarray(input_ids), dtype=torch.long),
+            attention_mask=None if attention_mask is None
+            else torch.as_tensor(np.asarray(attention_mask), dtype=torch.long),
+        )
+    return out.logits.float().numpy()
+
+
+def rel_max_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+@pytest.fixture(autouse=True)
+def _strict_warnings():
+    """Unexpected warnings from our own code fail the test (as lorax does)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", module="spsft_jax")
+        yield
