@@ -307,6 +307,38 @@ def param_shapes(cfg: LlamaConfig, dtype=jnp.float32) -> Params:
     return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
 
 
+TARGET_GROUPS = {
+    "all-linear": ("self_attn", ATTENTION_MODULES), "attention": ("self_attn", ATTENTION_MODULES),
+    "mlp": ("mlp", MLP_MODULES),
+}
+
+
+def module_paths(targets: str | tuple | list = "all-linear") -> list[tuple[str, ...]]:
+    """Paths of the per-layer linears named by `targets`.
+
+    targets: "all-linear", "attention", "mlp" (the paper's FA variant: attention frozen),
+    or a list of module names ("q_proj", "up_proj", ...) or paths ("layers", "mlp", "up_proj").
+    """
+    block_of = {n: "self_attn" for n in ATTENTION_MODULES} | {n: "mlp" for n in MLP_MODULES}
+    if isinstance(targets, str):
+        if targets not in TARGET_GROUPS:
+            raise ValueError(f"targets={targets!r}: choose one of {sorted(TARGET_GROUPS)} "
+                             f"or a list of module names {sorted(block_of)}")
+        names = list(MLP_MODULES) if targets == "mlp" else list(ATTENTION_MODULES)
+        if targets == "all-linear":
+            names += list(MLP_MODULES)
+        return [("layers", block_of[n], n) for n in names]
+    paths = []
+    for t in targets:
+        if isinstance(t, str):
+            if t not in block_of:
+                raise ValueError(f"targets: unknown module {t!r}; choose from {sorted(block_of)}")
+            paths.append(("layers", block_of[t], t))
+        else:
+            paths.append(tuple(t))
+    return paths
+
+
 # --------------------------------------------------------------------------- building blocks
 
 
