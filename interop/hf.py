@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,6 +46,8 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+_ST_FLOATS = {"F64": np.float32, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its messages
 
 
 def _np_dtype(dtype) -> np.dtype:
@@ -78,25 +81,32 @@ def hf_names(cfg: llama.LlamaConfig) -> dict[str, tuple[tuple[str, ...], int | N
 
 def _weight_files(folder: Path) -> list[Path]:
     """The weight files of a checkpoint folder, in the order to read them."""
-    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+    # Safetensors first in either layout (as transformers does): a folder holding both
+    # formats is read from the safe one, even when the .bin is the sharded one.
+    for index_name, single in ((SAFETENSORS_INDEX, "model.safetensors"),
+                               (BIN_INDEX, "pytorch_model.bin")):
         index = folder / index_name
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise ValueError(f"{index}: not a valid checkpoint index ({err})") from None
-            files = [folder / f for f in dict.fromkeys(weight_map.values())]
-            for f in files:
-                if not f.exists():
-                    raise FileNotFoundError(f"{index}: lists shard {f.name}, which is missing")
-            return files
-    for single in ("model.safetensors", "pytorch_model.bin"):
+            return _index_files(index)
         if (folder / single).exists():
             return [folder / single]
     raise FileNotFoundError(
         f"{folder}: no weights found (looked for model.safetensors, {SAFETENSORS_INDEX}, "
         f"pytorch_model.bin, {BIN_INDEX})"
     )
+
+
+def _index_files(index: Path) -> list[Path]:
+    """The shard files an index's weight_map names, each once, in order."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{index}: not a valid checkpoint index ({err!r})") from None
+    files = [index.parent / f for f in dict.fromkeys(weight_map.values())]
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"{index}: lists shard {f.name}, which is missing")
+    return files
 
 
 def _read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -110,18 +120,23 @@ def _read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
 
     import torch  # only the .bin format needs torch
 
+    # mmap needs the zip format; files from torch < 1.6 use the legacy one.
+    mmap = zipfile.is_zipfile(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"{path}: refused to load: the pickle holds objects other than tensors ({first_line})"
+            f"{path}: refused to load: not a pickle of tensors only, as weights_only=True "
+            f"requires ({_unpickling_reason(err)})"
         ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({_first_line(err)})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{path}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        tensor = tensor.detach()  # a saved nn.Parameter still requires grad
         if tensor.dtype == torch.bfloat16:
             yield name, tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         else:
@@ -133,17 +148,39 @@ def _read_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     return reader(path)
 
 
+def _first_line(err: BaseException) -> str:
+    """The first sentence of an error from torch (its messages run on for paragraphs)."""
+    text = _ANSI.sub("", str(err)).strip()
+    return _sentence(text) if text else type(err).__name__
+
+
+def _unpickling_reason(err: BaseException) -> str:
+    """The part of torch's weights_only refusal that names the offending object
+    (its first line only says the file could be loaded unsafely)."""
+    text = _ANSI.sub("", str(err))
+    match = re.search(r"WeightsUnpickler error:\s*(.*)", text, re.DOTALL)
+    return _sentence(match.group(1)) if match else _first_line(err)
+
+
+def _sentence(text: str, limit: int = 200) -> str:
+    first = re.split(r"\.\s|\n", text.strip(), maxsplit=1)[0].strip()
+    return first if len(first) <= limit else first[:limit] + "..."
+
+
 def _checkpoint_dtype(files: list[Path]) -> np.dtype:
-    """The dtype of the first floating-point tensor (the checkpoint's storage dtype)."""
+    """The dtype of the first floating-point tensor (the checkpoint's storage dtype),
+    float32 where that is not one we keep (float64) or there is none."""
     first = files[0]
     if first.suffix == ".safetensors":
         with safe_open(first, framework="numpy") as f:
             for name in f.keys():
                 dtype = f.get_slice(name).get_dtype()
-                return np.dtype({"F32": np.float32, "F16": np.float16,
-                                 "BF16": ml_dtypes.bfloat16}.get(dtype, np.float32))
+                if dtype in _ST_FLOATS:
+                    return np.dtype(_ST_FLOATS[dtype])
+        return np.dtype(np.float32)
     for _, tensor in _read_tensors(first):
-        return tensor.dtype
+        if tensor.dtype.name in _NP_DTYPES or tensor.dtype == np.float64:
+            return np.dtype(_NP_DTYPES.get(tensor.dtype.name, np.float32))
     return np.dtype(np.float32)
 
 
@@ -279,6 +316,9 @@ def save_hf(
     storage = target or _np_dtype(first.dtype)
     dtype_name = {np.dtype(v): k for k, v in _NP_DTYPES.items()}[np.dtype(storage)]
     shards = _shard_plan(cfg, params, target.itemsize if target else None, parse_size(max_shard_size))
+    if tokenizer_from is not None and not Path(tokenizer_from).is_dir():
+        # Asked for explicitly, so a typo must not silently export no tokenizer.
+        raise FileNotFoundError(f"tokenizer_from={str(tokenizer_from)!r}: not a folder")
     source = Path(tokenizer_from) if tokenizer_from else (
         Path(cfg.source_dir) if cfg.source_dir else None
     )

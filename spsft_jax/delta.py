@@ -16,6 +16,7 @@ Types:
     RowDelta     SPSFT: W + M W_f, rows chosen by importance (W_f: [r, d_in])
     ColumnDelta  dependency-aware W_f,dep on selected input columns ([d_out, c])
     LoraDelta    LoRA: W + scale * B A
+    DenseDelta   a full additive update (what dense or head-only tuning produced)
     BiasDelta    tune a linear's bias
     NormDelta    tune a norm's weight (SPSFT can, LoRA cannot)
     ScaleDelta   per-row scale of W x, used to read Taylor importance off jax.grad
@@ -115,6 +116,22 @@ class LoraDelta:
 
 
 @_pytree()
+class DenseDelta:
+    """A full additive update of a module's weight (the result of dense or head tuning)."""
+
+    weight: jax.Array
+    bias: jax.Array | None = None
+
+    def apply(self, x, y):
+        y = y + jnp.einsum("...i,oi->...o", x, self.weight.astype(x.dtype)).astype(y.dtype)
+        return y if self.bias is None else y + self.bias.astype(y.dtype)
+
+    def merge(self, module):
+        w = module["weight"]
+        return _with_bias({**module, "weight": w + self.weight.astype(w.dtype)}, self.bias)
+
+
+@_pytree()
 class BiasDelta:
     """Tune a linear's bias only."""
 
@@ -162,7 +179,7 @@ def _with_bias(module, bias):
     return {**module, "bias": module["bias"] + bias.astype(module["bias"].dtype)}
 
 
-DELTA_TYPES = (RowDelta, ColumnDelta, LoraDelta, BiasDelta, NormDelta, ScaleDelta)
+DELTA_TYPES = (RowDelta, ColumnDelta, LoraDelta, DenseDelta, BiasDelta, NormDelta, ScaleDelta)
 
 
 def is_delta(node: Any) -> bool:
@@ -244,7 +261,7 @@ def num_trainable(tree: Any) -> int:
     for _, d in leaves(tree):
         for field in dataclasses.fields(d):
             value = getattr(d, field.name)
-            if not _is_trainable(value):
+            if not hasattr(value, "shape") or not _is_trainable(value):
                 continue
             mask = getattr(d, "mask", None)
             if field.name == "w_f" and mask is not None:
@@ -292,7 +309,7 @@ def lora(params: Params, modules: list[tuple[str, ...]], key: jax.Array, *, rank
         bound = (1.0 / d_in) ** 0.5  # kaiming_uniform(a=sqrt(5)) on [r, d_in]
         a = jax.random.uniform(k, (*lead, rank, d_in), dtype, -bound, bound)
         b = jnp.zeros((*lead, d_out, rank), dtype)
-        tree = _set_nested(tree, path, LoraDelta(a, b, alpha / rank))
+        tree = set_nested(tree, path, LoraDelta(a, b, alpha / rank))
     return tree
 
 
@@ -303,14 +320,14 @@ def scales(params: Params, modules: list[tuple[str, ...]], batch: int | None = N
         w = _module_at(params, path)["weight"]
         *lead, d_out, _ = w.shape
         shape = (*lead, d_out) if batch is None else (*lead, batch, d_out)
-        tree = _set_nested(tree, path, ScaleDelta(jnp.ones(shape, jnp.float32)))
+        tree = set_nested(tree, path, ScaleDelta(jnp.ones(shape, jnp.float32)))
     return tree
 
 
-def _set_nested(tree: dict, path: tuple[str, ...], value) -> dict:
+def set_nested(tree: dict, path: tuple[str, ...], value) -> dict:
     if len(path) == 1:
         return {**tree, path[0]: value}
-    return {**tree, path[0]: _set_nested(tree.get(path[0], {}), path[1:], value)}
+    return {**tree, path[0]: set_nested(tree.get(path[0], {}), path[1:], value)}
 
 
 def norms(params: Params, dtype=jnp.float32) -> Any:
@@ -331,7 +348,7 @@ def union(*trees: Any) -> Any:
             try:
                 _module_at(out, path)
             except KeyError:
-                out = _set_nested(out, path, d)
+                out = set_nested(out, path, d)
                 continue
             raise ValueError(f"two deltas target {'/'.join(path)}")
     return out

@@ -367,9 +367,7 @@ def linear(x: jax.Array, module: Mapping[str, jax.Array], delta=None) -> jax.Arr
 
 
 def rms_norm(x: jax.Array, module: Mapping[str, jax.Array], eps: float, delta=None) -> jax.Array:
-    weight = module["weight"]
-    if delta is not None:
-        weight = delta.merge(weight)
+    weight = module["weight"] if delta is None else delta.merge(module)["weight"]
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * normed.astype(x.dtype)
@@ -503,10 +501,8 @@ def remat_layer(fn: Callable, remat: str | Callable | bool | None) -> Callable:
 
 
 def embed(params: Params, input_ids: jax.Array, delta=None) -> jax.Array:
-    table = params["embed_tokens"]["weight"]
-    d = subtree(delta, "embed_tokens")
-    if d is not None:
-        table = d.merge(table)
+    module, d = params["embed_tokens"], subtree(delta, "embed_tokens")
+    table = module["weight"] if d is None else d.merge(module)["weight"]
     return table[input_ids]
 
 

@@ -1,0 +1,403 @@
+"""Training: jitted optax steps that differentiate only the trainable pytree, and `finetune`.
+
+A model under training is split in two pytrees of the same shape:
+
+    trainable = {"delta": float leaves of the delta (W_f, LoRA A/B, norm deltas),
+                 "params": parameters trained in place (dense and head-only tuning)}
+    frozen    = {"delta": fixed leaves (selected rows, masks), "params": everything else}
+
+with None where the other side holds the leaf. `join` puts them back together.
+The step takes `frozen` as a plain argument (never differentiated) and donates
+`trainable` and the optimizer state.
+
+    result = finetune(params, selection, batches, config=cfg, steps=20, learning_rate=1e-3)
+    result.delta      # delta pytree (see spsft_jax.delta); merge(params, result.delta)
+    result.history    # [{"step", "loss", "learning_rate", "tokens", "step_s", "tokens_per_s"}, ...]
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Sequence
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from spsft_jax import delta as deltas
+from spsft_jax import llama
+from spsft_jax.losses import causal_lm_loss
+
+METHODS = ("spsft", "lora", "dense", "head")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (hashable: a static argument of the jitted step).
+
+    warmup: steps of linear warmup, or a fraction of `steps` when below 1.
+    schedule: decay after warmup, "linear" or "cosine" to zero (as in the paper), or "constant".
+    grad_accum: micro-batches per optimizer step (their gradients are token-weighted).
+    remat: None or a policy name of `llama.REMAT_POLICIES` for the scanned layer body.
+    tokentune: fraction (0, 1] or count of tokens to backpropagate through; None for all.
+    tokentune_loss: "selected" (loss on the selected positions, as TokenTune) or "all".
+    """
+
+    steps: int = 20
+    learning_rate: float = 1e-3
+    warmup: float = 0.1
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    grad_accum: int = 1
+    remat: str | None = None
+    tokentune: float | None = None
+    tokentune_loss: str = "selected"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps}: must be at least 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}: choose one of {SCHEDULES}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum={self.grad_accum}: must be at least 1")
+        if self.remat is not None and self.remat not in llama.REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: choose one of {sorted(llama.REMAT_POLICIES)}")
+        if self.tokentune is not None and not (0 < self.tokentune <= 1 or float(self.tokentune).is_integer()):
+            raise ValueError(f"tokentune={self.tokentune}: a fraction in (0, 1] or a token count")
+        if self.tokentune_loss not in ("selected", "all"):
+            raise ValueError(f"tokentune_loss={self.tokentune_loss!r}: 'selected' or 'all'")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup * self.steps)) if self.warmup < 1 else int(self.warmup)
+
+
+def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0, then linear or cosine decay to 0 (or constant)."""
+    warm = min(tc.warmup_steps, tc.steps)
+    rest = max(tc.steps - warm, 1)
+    decay = {
+        "linear": optax.linear_schedule(tc.learning_rate, 0.0, rest),
+        "cosine": optax.cosine_decay_schedule(tc.learning_rate, rest),
+        "constant": optax.constant_schedule(tc.learning_rate),
+    }[tc.schedule]
+    if warm == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, tc.learning_rate, warm), decay], [warm])
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """AdamW on the schedule, after optional global-norm clipping."""
+    adamw = optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                        weight_decay=tc.weight_decay)
+    if tc.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), adamw)
+
+
+# --------------------------------------------------------------------------- trainable / frozen
+
+
+def _path_leaves(tree) -> set[tuple[str, ...]]:
+    return {tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def split_params(params: llama.Params, train: Callable[[tuple[str, ...]], bool]):
+    """(trained, rest) of a parameter tree by leaf path; None where the other has the leaf."""
+
+    def pick(keep):
+        def visit(node, path):
+            if isinstance(node, Mapping):
+                return {k: visit(v, path + (k,)) for k, v in node.items()}
+            return node if train(path) == keep else None
+
+        return visit(params, ())
+
+    return pick(True), pick(False)
+
+
+def join_params(a, b):
+    return jax.tree.map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
+
+
+def prepare(
+    params: llama.Params,
+    selection: Any = None,
+    *,
+    method: str = "spsft",
+    targets: Any = "all-linear",
+    rank: int = 8,
+    alpha: float | None = None,
+    tune_norms: bool = False,
+    tune_bias: bool = False,
+    key: jax.Array | None = None,
+) -> tuple[dict, dict]:
+    """Build the (trainable, frozen) pair for a method.
+
+    spsft: zero W_f on the selected rows (`selection` from `spsft_jax.selection.select`).
+    lora:  LoRA of `rank` (alpha defaults to rank) on `targets`.
+    dense: every parameter trains. head: only the LM head trains.
+    tune_norms adds norm-weight deltas (and tune_bias bias deltas) to spsft and lora.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: choose one of {METHODS}")
+    key = jax.random.key(0) if key is None else key
+    delta: Any = {}
+    if method == "spsft":
+        if selection is None:
+            raise ValueError("method='spsft' needs a selection (see spsft_jax.selection.select)")
+        delta = deltas.rows_from_selection(params, selection, bias=tune_bias)
+    elif method == "lora":
+        delta = deltas.lora(params, llama.module_paths(targets), key, rank=rank, alpha=alpha)
+    if tune_norms and method in ("spsft", "lora"):
+        delta = deltas.union(delta, deltas.norms(params))
+    trained_delta, fixed_delta = deltas.split(delta)
+
+    head = "lm_head" if "lm_head" in params else "embed_tokens"
+    rule = {
+        "dense": lambda path: True,
+        "head": lambda path: path[0] == head,
+    }.get(method, lambda path: False)
+    trained_params, frozen_params = split_params(params, rule)
+    return ({"delta": trained_delta, "params": trained_params},
+            {"delta": fixed_delta, "params": frozen_params})
+
+
+def join(trainable: dict, frozen: dict) -> tuple[llama.Params, Any]:
+    """(params, delta) for the model from the two halves."""
+    params = join_params(trainable["params"], frozen["params"])
+    delta = deltas.combine(trainable["delta"], frozen["delta"])
+    return params, (delta or None)
+
+
+def trained_delta(params: llama.Params, trainable: dict, frozen: dict) -> Any:
+    """The result as one delta pytree: in-place updates (dense, head) become deltas too."""
+    _, delta = join(trainable, frozen)
+    tree = delta or {}
+    updates: dict[tuple[str, ...], dict[str, jax.Array]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(trainable["params"])[0]:
+        keys = tuple(k.key for k in path)
+        original = llama.subtree(params, *keys)
+        updates.setdefault(keys[:-1], {})[keys[-1]] = (leaf - original).astype(jnp.float32)
+    for module_path, fields in updates.items():
+        if module_path[-1].endswith("norm"):
+            new = deltas.NormDelta(fields["weight"])
+        else:
+            new = deltas.DenseDelta(fields["weight"], fields.get("bias"))
+        tree = deltas.set_nested(tree, module_path, new)
+    return tree
+
+
+# --------------------------------------------------------------------------- loss and step
+
+
+def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, key) -> tuple[jax.Array, jax.Array]:
+    """(summed token loss, number of loss tokens) for one micro-batch."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if tc.tokentune is None:
+        logits = llama.forward(cfg, params, ids, mask, delta, remat=tc.remat)
+        return causal_lm_loss(logits, labels)
+    from spsft_jax import tokentune
+
+    k = tokentune.num_selected(ids.shape[1], tc.tokentune)
+    prefer = jnp.concatenate([labels[:, 1:] != -100, jnp.zeros_like(labels[:, :1], bool)], axis=1)
+    indices, valid = tokentune.select_tokens(key, mask, k, prefer=prefer)
+    logits = tokentune.forward(cfg, params, ids, indices, mask, delta, remat=tc.remat)
+    if tc.tokentune_loss == "selected":
+        labels = tokentune.restrict_labels(labels, indices, valid)
+    return causal_lm_loss(logits, labels)
+
+
+def make_train_step(cfg: llama.LlamaConfig, tc: TrainConfig, optimizer: optax.GradientTransformation):
+    """`step(trainable, opt_state, frozen, batch, key) -> (trainable, opt_state, metrics)`.
+
+    batch: dict of int32 `[grad_accum, micro_batch, seq]` arrays. Gradients of the summed
+    loss are accumulated over micro-batches with `lax.scan` and divided by the token
+    count, so accumulation gives the same step as one large batch.
+    """
+
+    def micro_grads(trainable, frozen, micro, key):
+        def loss_of(t):
+            params, delta = join(t, frozen)
+            return batch_loss(cfg, tc, params, delta, micro, key)
+
+        (loss_sum, tokens), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+        return loss_sum, tokens, grads
+
+    def step(trainable, opt_state, frozen, batch, key):
+        keys = jax.random.split(key, tc.grad_accum)
+
+        def accumulate(carry, xs):
+            loss_sum, tokens, grads = carry
+            micro, k = xs
+            l, n, g = micro_grads(trainable, frozen, micro, k)
+            return (loss_sum + l, tokens + n, jax.tree.map(jnp.add, grads, g)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+        if tc.grad_accum == 1:
+            loss_sum, tokens, grads = micro_grads(trainable, frozen, jax.tree.map(lambda x: x[0], batch), keys[0])
+        else:
+            (loss_sum, tokens, grads), _ = jax.lax.scan(accumulate, init, (batch, keys))
+        denom = jnp.maximum(tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss_sum / denom, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
+        return trainable, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def normalize_batch(batch: Mapping[str, Any], index: int = 0) -> dict[str, np.ndarray]:
+    """int32 input_ids / attention_mask / labels; defaults: all tokens real, labels = ids at real tokens."""
+    if "input_ids" not in batch:
+        raise ValueError(f"batch {index}: missing 'input_ids' (has {sorted(batch)})")
+    ids = np.asarray(batch["input_ids"])
+    if ids.ndim != 2:
+        raise ValueError(f"batch {index}: input_ids must be [batch, seq], got shape {ids.shape}")
+    mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
+    labels = batch.get("labels")
+    labels = np.where(mask.astype(bool), ids, -100) if labels is None else np.asarray(labels)
+    for name, value in (("attention_mask", mask), ("labels", labels)):
+        if value.shape != ids.shape:
+            raise ValueError(f"batch {index}: {name} has shape {value.shape}, input_ids {ids.shape}")
+    return {"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
+            "labels": labels.astype(np.int32)}
+
+
+def _batches(data: Iterable, steps: int, grad_accum: int):
+    """Yield `steps` stacked groups of `grad_accum` batches; cycle a re-iterable dataset."""
+    reusable = isinstance(data, Sequence) or hasattr(data, "__len__") and not hasattr(data, "__next__")
+    source = itertools.cycle(data) if reusable else iter(data)
+    index = 0
+    for _ in range(steps):
+        group = []
+        for _ in range(grad_accum):
+            try:
+                group.append(normalize_batch(next(source), index))
+            except StopIteration:
+                return
+            index += 1
+        shapes = {g["input_ids"].shape for g in group}
+        if len(shapes) > 1:
+            raise ValueError(f"batches {index - grad_accum}..{index - 1}: accumulated batches must "
+                             f"share one shape, got {sorted(shapes)}")
+        yield {k: np.stack([g[k] for g in group]) for k in group[0]}
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    delta: Any
+    history: list[dict]
+    trainable_params: int
+    config: TrainConfig
+
+
+def finetune(
+    params: llama.Params,
+    selection: Any,
+    data: Iterable[Mapping[str, Any]],
+    *,
+    config: llama.LlamaConfig,
+    steps: int = 20,
+    learning_rate: float = 1e-3,
+    method: str = "spsft",
+    targets: Any = "all-linear",
+    rank: int = 8,
+    alpha: float | None = None,
+    tune_norms: bool = False,
+    tune_bias: bool = False,
+    tokentune: float | None = None,
+    remat: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = False,
+    callback: Callable[[dict], None] | None = None,
+    **train_options,
+) -> FinetuneResult:
+    """Fine-tune and return the trained delta and the per-step history.
+
+    params: frozen parameters (any float dtype; bf16 keeps the base in bf16 while the
+        trainable pytree and optimizer state stay float32).
+    selection: rows to train for method="spsft" (`spsft_jax.selection.select`); ignored otherwise.
+    data: iterable of batches, dicts of int32 `input_ids`, `attention_mask`, `labels`
+        (`[batch, seq]`, labels -100 where no loss). A list is cycled; an iterator ends
+        training early when exhausted.
+    method: "spsft", "lora", "dense" or "head".
+    tokentune: fraction (or count) of tokens to backpropagate through (TokenTune).
+    mesh: a `jax.sharding.Mesh`; batches are split over its first axis (data parallel),
+        parameters replicated.
+    train_options: further `TrainConfig` fields (warmup, schedule, weight_decay, grad_accum, seed...).
+    """
+    tc = TrainConfig(steps=steps, learning_rate=learning_rate, tokentune=tokentune, remat=remat,
+                     **train_options)
+    trainable, frozen = prepare(params, selection, method=method, targets=targets, rank=rank,
+                                alpha=alpha, tune_norms=tune_norms, tune_bias=tune_bias,
+                                key=jax.random.key(tc.seed))
+    # A float32 copy: the step donates it, and the caller's parameters must survive.
+    trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable)
+    n_trainable = sum(x.size for x in jax.tree.leaves(trainable["params"])) + deltas.num_trainable(
+        deltas.combine(trainable["delta"], frozen["delta"]))
+    optimizer = make_optimizer(tc)
+    opt_state = optimizer.init(trainable)
+    step = make_train_step(config, tc, optimizer)
+    place = _placement(mesh)
+    key = jax.random.key(tc.seed + 1)
+    schedule = learning_rate_schedule(tc)
+    history: list[dict] = []
+    bar = _progress(tc.steps) if progress else None
+    for i, batch in enumerate(_batches(data, tc.steps, tc.grad_accum)):
+        key, step_key = jax.random.split(key)
+        start = time.perf_counter()
+        trainable, opt_state, metrics = step(trainable, opt_state, frozen, place(batch), step_key)
+        loss = float(metrics["loss"])  # waits for the step
+        elapsed = time.perf_counter() - start
+        tokens = int(batch["attention_mask"].sum())
+        record = {"step": i + 1, "loss": loss, "learning_rate": float(schedule(i)),
+                  "grad_norm": float(metrics["grad_norm"]), "tokens": tokens,
+                  "step_s": elapsed, "tokens_per_s": tokens / elapsed}
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {i + 1}: loss is {loss}; lower the learning rate")
+        history.append(record)
+        if callback is not None:
+            callback(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if not history:
+        raise ValueError("data yielded no batches")
+    return FinetuneResult(trained_delta(params, trainable, frozen), history, n_trainable, tc)
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="finetune", unit="step")
+
+
+def _placement(mesh):
+    if mesh is None:
+        return lambda batch: jax.tree.map(jnp.asarray, batch)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    # [grad_accum, batch, seq]: split the batch axis over the mesh's first axis.
+    sharding = NamedSharding(mesh, PartitionSpec(None, mesh.axis_names[0]))
+    return lambda batch: jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
