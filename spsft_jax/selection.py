@@ -1,0 +1,349 @@
+"""Row selections: which rows (output neurons) of each targeted linear SPSFT trains.
+
+A selection is plain data with the nesting of the scores it came from
+(`spsft_jax.importance`) and of the trainable delta it becomes
+(`delta.rows_from_selection`):
+
+    scores    = {"layers": {"mlp": {"up_proj": [L, d_out] float}, ...}}
+    selection = {"layers": {"mlp": {"up_proj": {
+                    "rows": int32 [L, r],   # ascending within each layer
+                    "mask": bool  [L, r],   # only when layers keep different numbers of rows
+                }}, ...}}
+
+    select(scores, rank=8)                           top-8 rows per module per layer (the LLM setting)
+    select(scores, ratio=0.05, cfg=cfg)              5% of the targeted weights' parameters
+    select(scores, rank=8, scope="global", cfg=cfg)  the same budget, ranked over all modules and layers
+    save(path, selection, model=..., targets=..., metric=...);  load(path) -> (selection, metadata)
+
+With a mask, a layer keeping fewer than r rows is padded at the end by repeating its
+last real row (row 0 when it keeps none), mask False there, so `rows` stays sorted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from spsft_jax import atomic
+from spsft_jax.llama import LlamaConfig
+
+Selection = dict[str, Any]
+Path = tuple[str, ...]
+
+FORMAT = "spsft-jax/selection"
+FORMAT_VERSION = "1"
+SCOPES = ("layer", "global")
+NORMALIZATIONS = ("none", "module", "layer")
+
+
+# --------------------------------------------------------------------------- selecting
+
+
+def select(
+    scores: Mapping[str, Any],
+    *,
+    rank: int | None = None,
+    ratio: float | None = None,
+    scope: str = "layer",
+    cfg: LlamaConfig | None = None,
+    params_per_row: Mapping[str, Any] | int | None = None,
+    normalize: str = "none",
+) -> Selection:
+    """The highest-scoring rows of every module in `scores` (one of `rank`, `ratio`).
+
+    rank: scope "layer": the top `rank` rows of every module in every layer.
+        scope "global": the parameter budget of that, spent on the best rows of all
+        modules and layers ranked together (layers then keep different numbers of rows).
+    ratio: the fraction of the targeted weights' parameters to train (each row of a
+        module costs its d_in). Scope "layer" keeps `round(ratio * d_out)` rows of a
+        module in every layer; scope "global" fills the budget to within one row.
+    cfg / params_per_row: the cost of one row of each module (its d_in), from the
+        config or given as a tree like `scores` with int leaves (or one int for all).
+        Scope "global" counts its budget in rows when neither is given; a global
+        ratio needs them.
+    normalize (scope "global" only): "none" ranks raw scores; "module" divides each
+        module's scores by their mean over all its layers, "layer" by their mean in
+        each layer, so modules of different scale compete on relative importance.
+
+    Ties go to the lower row index (a stable sort); in global scope to the earlier
+    module (sorted by path), then the lower layer. A module whose every layer keeps
+    no row is left out of the selection.
+
+    >>> scores = {"layers": {"mlp": {"up_proj": np.array([[0.1, 0.9, 0.5, 0.9]])}}}
+    >>> select(scores, rank=2)["layers"]["mlp"]["up_proj"]["rows"]
+    array([[1, 3]], dtype=int32)
+    """
+    if (rank is None) == (ratio is None):
+        raise ValueError("select: give exactly one of rank= or ratio=")
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r}: choose one of {', '.join(map(repr, SCOPES))}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize={normalize!r}: choose one of {', '.join(map(repr, NORMALIZATIONS))}")
+    if scope == "layer" and normalize != "none":
+        raise ValueError("normalize= only matters with scope='global' (each layer ranks its own rows)")
+    if rank is not None and (not isinstance(rank, (int, np.integer)) or rank < 1):
+        raise ValueError(f"rank={rank!r}: must be a positive integer")
+    if ratio is not None and not 0 < ratio <= 1:
+        raise ValueError(f"ratio={ratio!r}: must lie in (0, 1]")
+
+    flat = _flat_scores(scores)
+    if scope == "layer":
+        picked = {path: _top_rows(path, s, rank if rank is not None else _ratio_rank(ratio, s))
+                  for path, s in flat.items()}
+    else:
+        costs = _row_costs(flat, cfg, params_per_row)
+        if ratio is not None and costs is None:
+            raise ValueError("select(ratio=..., scope='global') needs cfg= or params_per_row= "
+                             "to count each module's parameters per row")
+        picked = _global_rows(flat, costs or {p: 1 for p in flat}, rank=rank, ratio=ratio,
+                              normalize=normalize)
+    return _nest({path: _rows_entry(kept) for path, kept in picked.items() if any(map(len, kept))})
+
+
+def _flat_scores(scores) -> dict[Path, np.ndarray]:
+    flat = {}
+    for path, leaf in _leaves(scores):
+        s = np.asarray(leaf)
+        where = "/".join(path)
+        if s.ndim != 2:
+            raise ValueError(f"scores {where}: expected [layers, rows], got shape {s.shape}")
+        if not np.all(np.isfinite(s)):
+            raise ValueError(f"scores {where}: holds NaN or infinite values")
+        flat[path] = s.astype(np.float64)
+    if not flat:
+        raise ValueError("select: scores hold no module")
+    return flat
+
+
+def _ratio_rank(ratio: float, s: np.ndarray) -> int:
+    return math.floor(ratio * s.shape[-1] + 0.5)  # round half up, unlike Python's round
+
+
+def _top_rows(path: Path, s: np.ndarray, rank: int) -> list[np.ndarray]:
+    """Per layer, the ascending indices of the `rank` best rows (ties: lower index)."""
+    if rank > s.shape[-1]:
+        raise ValueError(f"rank={rank} exceeds the {s.shape[-1]} rows of {'/'.join(path)}")
+    best = np.argsort(-s, axis=-1, kind="stable")[:, :rank]
+    return list(np.sort(best, axis=-1))
+
+
+def _row_costs(flat, cfg, params_per_row) -> dict[Path, int] | None:
+    """Parameters per row (d_in) of each module, or None when unknown."""
+    if params_per_row is not None:
+        if isinstance(params_per_row, (int, np.integer)):
+            return {path: int(params_per_row) for path in flat}
+        given = dict(_leaves(params_per_row))
+        missing = [("/".join(p)) for p in flat if p not in given]
+        if missing:
+            raise ValueError(f"params_per_row has no entry for {', '.join(missing)}")
+        return {path: int(given[path]) for path in flat}
+    if cfg is not None:
+        return {path: _d_in(cfg, path) for path in flat}
+    return None
+
+
+def _global_rows(flat, costs, *, rank, ratio, normalize) -> dict[Path, list[np.ndarray]]:
+    """Rank every row of every module and layer together and fill the parameter budget."""
+    paths = sorted(flat)
+    normalized = [_normalized(flat[p], normalize) for p in paths]
+    all_scores = np.concatenate([s.ravel() for s in normalized])
+    all_costs = np.concatenate([np.full(flat[p].size, costs[p], np.int64) for p in paths])
+    if rank is not None:
+        budget = sum(rank * flat[p].shape[0] * costs[p] for p in paths)
+    else:
+        budget = ratio * sum(flat[p].size * costs[p] for p in paths)
+
+    order = np.argsort(-all_scores, kind="stable")  # ties: earlier module, layer, row
+    spent = np.concatenate([[0], np.cumsum(all_costs[order])])
+    count = _closest_prefix(spent, budget)
+    chosen = np.zeros(all_scores.size, bool)
+    chosen[order[:count]] = True
+
+    picked, start = {}, 0
+    for p in paths:
+        kept = chosen[start:start + flat[p].size].reshape(flat[p].shape)
+        picked[p] = [np.flatnonzero(layer) for layer in kept]
+        start += flat[p].size
+    return picked
+
+
+def _closest_prefix(spent: np.ndarray, budget: float) -> int:
+    """How many rows to take: the prefix whose cumulative cost is closest to the budget."""
+    under = int(np.searchsorted(spent, budget, side="right")) - 1  # last prefix within budget
+    if under + 1 < len(spent) and spent[under + 1] - budget < budget - spent[under]:
+        return under + 1
+    return under
+
+
+def _normalized(s: np.ndarray, how: str) -> np.ndarray:
+    if how == "none":
+        return s
+    mean = s.mean(axis=None if how == "module" else -1, keepdims=True)
+    return s / np.where(mean > 0, mean, 1.0)  # all-zero scores stay zero
+
+
+def _rows_entry(kept: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """`{"rows": [L, r]}`, plus `"mask"` padded as in the module docstring when counts differ."""
+    width = max(len(k) for k in kept)
+    rows = np.zeros((len(kept), width), np.int32)
+    mask = np.zeros((len(kept), width), bool)
+    for layer, k in enumerate(kept):
+        rows[layer, :len(k)] = k
+        rows[layer, len(k):] = k[-1] if len(k) else 0
+        mask[layer, :len(k)] = True
+    return {"rows": rows} if mask.all() else {"rows": rows, "mask": mask}
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def num_selected_params(selection: Selection, cfg: LlamaConfig) -> int:
+    """Trainable weights of a selection: real (unmasked) rows times each module's d_in."""
+    total = 0
+    for path, entry in _entries(selection):
+        real = int(np.sum(entry["mask"])) if "mask" in entry else int(np.size(entry["rows"]))
+        total += real * _d_in(cfg, path)
+    return total
+
+
+def _d_in(cfg: LlamaConfig, path: Path) -> int:
+    shapes = cfg.linear_shapes()
+    if path[-1] not in shapes:
+        raise ValueError(f"{'/'.join(path)}: not a per-layer linear of the config "
+                         f"({', '.join(shapes)})")
+    return shapes[path[-1]][1]
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save(
+    path: str | os.PathLike,
+    selection: Selection,
+    *,
+    model: str | None = None,
+    targets: str | list | tuple | None = None,
+    metric: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a selection to a safetensors file, atomically.
+
+    Tensors are named by module path: `layers/mlp/up_proj/rows` (int32) and
+    `.../mask` (bool). `model`, `targets` (a list is stored as JSON), `metric` and
+    any extra `metadata` strings go into the file's metadata.
+    """
+    from safetensors.numpy import save as to_bytes
+
+    tensors = {}
+    for module, entry in _entries(selection):
+        name = "/".join(module)
+        tensors[f"{name}/rows"] = np.ascontiguousarray(entry["rows"], np.int32)
+        if "mask" in entry:
+            tensors[f"{name}/mask"] = np.ascontiguousarray(entry["mask"], bool)
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION}
+    if model is not None:
+        info["model"] = str(model)
+    if targets is not None:
+        info["targets"] = targets if isinstance(targets, str) else json.dumps(
+            [t if isinstance(t, str) else list(t) for t in targets])
+    if metric is not None:
+        info["metric"] = str(metric)
+    for key, value in (metadata or {}).items():
+        if key in info or key in ("model", "targets", "metric"):
+            raise ValueError(f"metadata[{key!r}]: reserved; use the keyword argument")
+        if not isinstance(value, str):
+            raise TypeError(f"metadata[{key!r}]: must be a string, got {type(value).__name__}")
+        info[key] = value
+    with atomic.atomic_file(path, "wb") as f:
+        f.write(to_bytes(tensors, metadata=info))
+
+
+def load(path: str | os.PathLike, *, cfg: LlamaConfig | None = None) -> tuple[Selection, dict[str, str]]:
+    """Read a selection written by `save`: (selection, metadata strings).
+
+    With `cfg`, also check that every module exists, has `cfg.num_layers` layers
+    and that every row is in range.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="numpy") as f:
+            info = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an spsft-jax selection (metadata format is "
+                         f"{info.get('format')!r}, expected {FORMAT!r})")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: selection format version {info.get('format_version')!r} "
+                         f"is not supported (expected {FORMAT_VERSION!r})")
+
+    flat: dict[Path, dict[str, np.ndarray]] = {}
+    for name, value in tensors.items():
+        *module, kind = name.split("/")
+        if not module or kind not in ("rows", "mask"):
+            raise ValueError(f"{path}: tensor {name!r}: names must be a module path ending "
+                             f"in /rows or /mask")
+        flat.setdefault(tuple(module), {})[kind] = value
+    for module, entry in flat.items():
+        _check_entry(f"{path}: tensor {'/'.join(module)}", module, entry, cfg)
+        entry["rows"] = entry["rows"].astype(np.int32)
+    return _nest(flat), info
+
+
+def _check_entry(where: str, module: Path, entry: Mapping[str, np.ndarray], cfg) -> None:
+    if "rows" not in entry:
+        raise ValueError(f"{where}/mask: has no matching /rows tensor")
+    rows = entry["rows"]
+    if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"{where}/rows: expected integer [layers, r], got {rows.dtype} {rows.shape}")
+    if rows.size and rows.min() < 0:
+        raise ValueError(f"{where}/rows: negative row index {rows.min()}")
+    if "mask" in entry and (entry["mask"].dtype != bool or entry["mask"].shape != rows.shape):
+        raise ValueError(f"{where}/mask: expected bool {rows.shape}, got "
+                         f"{entry['mask'].dtype} {entry['mask'].shape}")
+    if cfg is None:
+        return
+    shapes = cfg.linear_shapes()
+    if module[0] != "layers" or module[-1] not in shapes:
+        raise ValueError(f"{where}/rows: {'/'.join(module)} is not a per-layer linear of the config")
+    if rows.shape[0] != cfg.num_layers:
+        raise ValueError(f"{where}/rows: {rows.shape[0]} layers, the config has {cfg.num_layers}")
+    d_out = shapes[module[-1]][0]
+    if rows.size and rows.max() >= d_out:
+        raise ValueError(f"{where}/rows: row {rows.max()} is out of range (the module has {d_out})")
+
+
+# --------------------------------------------------------------------------- pytree helpers
+
+
+def _leaves(tree, path: Path = ()) -> list[tuple[Path, Any]]:
+    """(path, leaf) for every non-dict leaf of a nested dict."""
+    if isinstance(tree, Mapping):
+        return [item for key in tree for item in _leaves(tree[key], path + (key,))]
+    return [(path, tree)]
+
+
+def _entries(selection, path: Path = ()) -> list[tuple[Path, Mapping[str, np.ndarray]]]:
+    """(module path, {"rows", "mask"?}) for every module of a selection."""
+    if not isinstance(selection, Mapping):
+        raise TypeError(f"selection{''.join(f'[{k!r}]' for k in path)}: expected a dict")
+    if "rows" in selection:
+        return [(path, selection)]
+    return [item for key in selection for item in _entries(selection[key], path + (key,))]
+
+
+def _nest(flat: Mapping[Path, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
