@@ -252,7 +252,7 @@ def _model_options(p, *, data: bool):
         p.add_argument("--ratio", type=float, help="fraction of the targeted parameters to train (instead of --rank)")
         p.add_argument("--scope", default="layer", choices=["layer", "global"])
         p.add_argument("--importance-batches", type=int, default=8)
-        p.add_argument("--remat", choices=["full", "dots", "nothing"])
+        p.add_argument("--remat", choices=["full", "dots"])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -310,7 +310,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--remat", choices=["full", "dots", "nothing"])
+    p.add_argument("--remat", choices=["full", "dots"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
     return top

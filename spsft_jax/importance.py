@@ -80,7 +80,7 @@ def taylor(
     batches: any iterable of dicts with int32 `input_ids`, `labels` and optionally
         `attention_mask`, all `[B, T]`; it is read once, one batch at a time. The
         step is compiled once per batch shape.
-    remat: passed to `llama.forward` ("full", "dots", "nothing" or a policy).
+    remat: passed to `llama.forward` ("full", "dots" or a policy).
     loss_fn: `(logits, labels) -> (summed loss, number of loss tokens)`;
         default `losses.causal_lm_loss`.
 

@@ -77,6 +77,9 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # Tokens per block of attention queries and of the loss (see `token_blocks`):
+    # an execution choice that bounds activation memory, not part of the architecture.
+    chunk_tokens: int | None = 512
     # Folder the config was read from (tokenizer files are copied from it on export);
     # not part of the architecture, so it takes no part in equality or hashing.
     source_dir: str | None = dataclasses.field(default=None, compare=False, hash=False)
@@ -409,12 +412,28 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """Grouped-query attention.
+def token_blocks(fn: Callable, xs, chunk: int | None):
+    """`fn(xs)` for a function that treats tokens (axis 1 of every array in `xs`)
+    independently, computed `chunk` tokens at a time.
 
-    q: [B, Tq, heads, hd]; k, v: [B, Tk, kv_heads, hd]; allowed: [B, Tq, Tk] bool.
-    Returns [B, Tq, heads, hd]. Scores and softmax are in float32, as transformers' eager path.
+    Each block is recomputed in the backward pass, so only one block's intermediates
+    exist at once. Falls back to one call when `chunk` does not divide the tokens.
     """
+    b, t = jax.tree.leaves(xs)[0].shape[:2]
+    if not chunk or t <= chunk or t % chunk:
+        return fn(xs)
+    n = t // chunk
+
+    def split(x):  # [B, T, ...] -> [n, B, chunk, ...]
+        return jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
+
+    def join(y):
+        return jnp.swapaxes(y, 0, 1).reshape(b, t, *y.shape[3:])
+
+    return jax.tree.map(join, jax.lax.map(jax.checkpoint(fn), jax.tree.map(split, xs)))
+
+
+def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
     b, tq, heads, hd = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, tq, kv_heads, heads // kv_heads, hd)
@@ -424,6 +443,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
     return out.reshape(b, tq, heads, hd)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+           query_chunk: int | None = None) -> jax.Array:
+    """Grouped-query attention.
+
+    q: [B, Tq, heads, hd]; k, v: [B, Tk, kv_heads, hd]; allowed: [B, Tq, Tk] bool.
+    Returns [B, Tq, heads, hd]. Scores and softmax are in float32, as transformers' eager path.
+    With `query_chunk`, queries go in blocks (`token_blocks`): the `[heads, Tq, Tk]`
+    scores never exist at once, and every query's softmax is unchanged.
+    """
+    return token_blocks(lambda qa: _attend_block(qa[0], k, v, qa[1]), (q, allowed), query_chunk)
 
 
 def attention_mask_2d(
@@ -472,7 +503,7 @@ def decoder_layer(cfg, layer, layer_delta, h, cos, sin, allowed):
     x = rms_norm(h, layer["input_layernorm"], cfg.rms_norm_eps,
                  subtree(layer_delta, "input_layernorm"))
     q, k, v = attention_projections(cfg, layer, layer_delta, x, cos, sin)
-    h = h + attention_output(cfg, layer, layer_delta, attend(q, k, v, allowed))
+    h = h + attention_output(cfg, layer, layer_delta, attend(q, k, v, allowed, cfg.chunk_tokens))
     return mlp_block(cfg, layer, layer_delta, h)
 
 
@@ -481,7 +512,6 @@ def decoder_layer(cfg, layer, layer_delta, h, cos, sin, allowed):
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing inside a layer, recompute it all in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "nothing": jax.checkpoint_policies.nothing_saveable,
 }
 
 
@@ -509,7 +539,12 @@ def embed(params: Params, input_ids: jax.Array, delta=None) -> jax.Array:
 def head(cfg: LlamaConfig, params: Params, h: jax.Array, delta=None) -> jax.Array:
     """Final norm and LM head: hidden states -> logits."""
     h = rms_norm(h, params["norm"], cfg.rms_norm_eps, subtree(delta, "norm"))
-    weights = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
+    if cfg.tie_word_embeddings:
+        # Tied: a delta on the embedding table is a delta on the head too (as `merge` folds it).
+        weights, tied = params["embed_tokens"], subtree(delta, "embed_tokens")
+        weights = weights if tied is None else tied.merge(weights)
+    else:
+        weights = params["lm_head"]
     return linear(h, weights, subtree(delta, "lm_head"))
 
 
@@ -559,7 +594,7 @@ def forward(
     attention_mask: `[B, T]`, 1 for real tokens, 0 for padding (left or right).
     delta: optional trainable delta pytree (see module docstring).
     position_ids: `[B, T]`; default 0..T-1 per row, as transformers.
-    remat: None, "full", "dots", "nothing" or a `jax.checkpoint` policy for the layer body.
+    remat: None, "full", "dots" or a `jax.checkpoint` policy for the layer body.
 
     >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
     ...                   num_heads=4, num_kv_heads=2, head_dim=4)

@@ -12,22 +12,31 @@ Cross entropy is computed in float32 whatever the logits' dtype.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+
+from spsft_jax import llama
 
 IGNORE_INDEX = -100
 
 
-def token_losses(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-position cross entropy `[B, T-1]` (float32) and the mask of positions that count."""
-    shifted_logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cross entropy (float32) of each position against its target, and the mask of
+    positions that count (target != -100); no shift."""
+    logits = logits.astype(jnp.float32)
     counts = targets != IGNORE_INDEX
     safe_targets = jnp.where(counts, targets, 0)
     # logsumexp - picked logit: no second [B, T, vocab] array of log-probabilities.
-    picked = jnp.take_along_axis(shifted_logits, safe_targets[..., None], axis=-1)[..., 0]
-    losses = jax.nn.logsumexp(shifted_logits, axis=-1) - picked
+    picked = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
+    losses = jax.nn.logsumexp(logits, axis=-1) - picked
     return jnp.where(counts, losses, 0.0), counts
+
+
+def token_losses(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-position cross entropy `[B, T-1]` (float32) and the mask of positions that count."""
+    return cross_entropy(logits[:, :-1], labels[:, 1:])
 
 
 def per_example_causal_lm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -50,3 +59,21 @@ def mean_causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean loss over the tokens whose label is not -100 (0 when there are none)."""
     total, count = causal_lm_loss(logits, labels)
     return total / jnp.maximum(count, 1)
+
+
+def chunked_causal_lm_loss(
+    head: Callable[[jax.Array], jax.Array], hidden: jax.Array, labels: jax.Array, chunk: int | None
+) -> tuple[jax.Array, jax.Array]:
+    """`causal_lm_loss(head(hidden), labels)` computed `chunk` positions at a time.
+
+    head: final hidden states `[B, c, D]` -> logits `[B, c, vocab]`. Each block's logits
+    are recomputed in the backward pass, so the `[B, T, vocab]` logits and their
+    gradient never exist at once (they dominate memory for large vocabularies).
+    """
+    b = labels.shape[0]
+    # Position t predicts labels[t + 1]; the last position predicts nothing.
+    targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE_INDEX, labels.dtype)], axis=1)
+
+    losses, counts = llama.token_blocks(lambda hy: cross_entropy(head(hy[0]), hy[1]),
+                                        (hidden, targets), chunk)
+    return losses.sum(), counts.sum(dtype=jnp.int32)

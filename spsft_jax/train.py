@@ -30,7 +30,7 @@ import optax
 
 from spsft_jax import delta as deltas
 from spsft_jax import llama
-from spsft_jax.losses import causal_lm_loss
+from spsft_jax.losses import causal_lm_loss, chunked_causal_lm_loss
 
 METHODS = ("spsft", "lora", "dense", "head")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -205,8 +205,9 @@ def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, ke
     """(summed token loss, number of loss tokens) for one micro-batch."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     if tc.tokentune is None:
-        logits = llama.forward(cfg, params, ids, mask, delta, remat=tc.remat)
-        return causal_lm_loss(logits, labels)
+        h = llama.hidden_states(cfg, params, ids, mask, delta, remat=tc.remat)
+        return chunked_causal_lm_loss(lambda x: llama.head(cfg, params, x, delta), h, labels,
+                                      cfg.chunk_tokens)
     from spsft_jax import tokentune
 
     k = tokentune.num_selected(ids.shape[1], tc.tokentune)
