@@ -280,12 +280,14 @@ def normalize_batch(batch: Mapping[str, Any], index: int = 0) -> dict[str, np.nd
             "labels": labels.astype(np.int32)}
 
 
-def _batches(data: Iterable, steps: int, grad_accum: int):
-    """Yield `steps` stacked groups of `grad_accum` batches; cycle a re-iterable dataset."""
+def _batches(data: Iterable, steps: int, grad_accum: int, skip: int = 0):
+    """Yield stacked groups of `grad_accum` batches for steps `skip..steps-1`;
+    cycle a re-iterable dataset."""
     reusable = isinstance(data, Sequence) or hasattr(data, "__len__") and not hasattr(data, "__next__")
     source = itertools.cycle(data) if reusable else iter(data)
-    index = 0
-    for _ in range(steps):
+    source = itertools.islice(source, skip * grad_accum, None)
+    index = skip * grad_accum
+    for _ in range(skip, steps):
         group = []
         for _ in range(grad_accum):
             try:
@@ -330,6 +332,8 @@ def finetune(
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = False,
     callback: Callable[[dict], None] | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 0,
     **train_options,
 ) -> FinetuneResult:
     """Fine-tune and return the trained delta and the per-step history.
@@ -344,6 +348,9 @@ def finetune(
     tokentune: fraction (or count) of tokens to backpropagate through (TokenTune).
     mesh: a `jax.sharding.Mesh`; batches are split over its first axis (data parallel),
         parameters replicated.
+    checkpoint_dir: save the trainable pytree and optimizer state there (orbax) every
+        `checkpoint_every` steps and at the end; a run pointed at a folder holding a
+        checkpoint resumes from its step (skipping the batches already seen).
     train_options: further `TrainConfig` fields (warmup, schedule, weight_decay, grad_accum, seed...).
     """
     tc = TrainConfig(steps=steps, learning_rate=learning_rate, tokentune=tokentune, remat=remat,
@@ -359,14 +366,24 @@ def finetune(
     opt_state = optimizer.init(trainable)
     step = make_train_step(config, tc, optimizer)
     place = _placement(mesh)
-    key = jax.random.key(tc.seed + 1)
+    first = 0
+    if checkpoint_dir is not None:
+        from spsft_jax import checkpoint
+
+        restored = checkpoint.restore_state(checkpoint_dir, {"trainable": trainable, "opt_state": opt_state})
+        if restored is not None:
+            first, state = restored
+            trainable, opt_state = state["trainable"], state["opt_state"]
+    base_key = jax.random.key(tc.seed + 1)
     schedule = learning_rate_schedule(tc)
     history: list[dict] = []
     bar = _progress(tc.steps) if progress else None
-    for i, batch in enumerate(_batches(data, tc.steps, tc.grad_accum)):
-        key, step_key = jax.random.split(key)
+    if bar is not None:
+        bar.update(first)
+    for i, batch in enumerate(_batches(data, tc.steps, tc.grad_accum, skip=first), start=first):
         start = time.perf_counter()
-        trainable, opt_state, metrics = step(trainable, opt_state, frozen, place(batch), step_key)
+        trainable, opt_state, metrics = step(trainable, opt_state, frozen, place(batch),
+                                             jax.random.fold_in(base_key, i))
         loss = float(metrics["loss"])  # waits for the step
         elapsed = time.perf_counter() - start
         tokens = int(batch["attention_mask"].sum())
@@ -381,9 +398,12 @@ def finetune(
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
+        if checkpoint_dir is not None and (
+                i + 1 == tc.steps or (checkpoint_every and (i + 1) % checkpoint_every == 0)):
+            checkpoint.save_state(checkpoint_dir, i + 1, {"trainable": trainable, "opt_state": opt_state})
     if bar is not None:
         bar.close()
-    if not history:
+    if not history and first < tc.steps:
         raise ValueError("data yielded no batches")
     return FinetuneResult(trained_delta(params, trainable, frozen), history, n_trainable, tc)
 
