@@ -28,6 +28,7 @@ from safetensors.numpy import save_file
 
 from spsft_jax import llama
 from spsft_jax.atomic import atomic_dir
+from spsft_jax.trees import leaf_paths, nest
 
 # Our top-level entry -> HF key prefix; "{i}" marks leaves stacked over layers.
 HF_PREFIX = {
@@ -57,15 +58,10 @@ def _np_dtype(dtype) -> np.dtype:
     return np.dtype(_NP_DTYPES[name])
 
 
-def _leaf_paths(tree: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        yield tuple(k.key for k in path), leaf
-
-
 def hf_names(cfg: llama.LlamaConfig) -> dict[str, tuple[tuple[str, ...], int | None]]:
     """HF tensor name -> (our leaf path, layer index or None), for every parameter."""
     names = {}
-    for path, _ in _leaf_paths(llama.param_shapes(cfg)):
+    for path, _ in leaf_paths(llama.param_shapes(cfg)):
         prefix = HF_PREFIX[path[0]]
         suffix = ".".join(path[1:])
         if "{i}" in prefix:
@@ -200,7 +196,7 @@ def load_hf(path: str | os.PathLike, dtype=None) -> tuple[llama.LlamaConfig, lla
     target = _np_dtype(dtype) if dtype is not None else _checkpoint_dtype(files)
 
     expected = hf_names(cfg)
-    shapes = {p: leaf.shape for p, leaf in _leaf_paths(llama.param_shapes(cfg))}
+    shapes = {p: leaf.shape for p, leaf in leaf_paths(llama.param_shapes(cfg))}
     buffers = {p: np.empty(shape, target) for p, shape in shapes.items()}
     seen: set[str] = set()
     for file in files:
@@ -225,23 +221,13 @@ def load_hf(path: str | os.PathLike, dtype=None) -> tuple[llama.LlamaConfig, lla
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"{folder}: missing tensor(s) {shown}")
-    params = _nest({p: _to_device(buffers, p) for p in list(buffers)})
+    params = nest({p: _to_device(buffers, p) for p in list(buffers)})
     return cfg, params
 
 
 def _to_device(buffers: dict, path) -> jax.Array:
     # Hand each buffer to JAX and drop the host copy before the next one.
     return jnp.asarray(buffers.pop(path))
-
-
-def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
 
 
 def _natural_key(name: str):
@@ -267,7 +253,7 @@ def parse_size(size: int | str) -> int:
 def _shard_plan(cfg: llama.LlamaConfig, params: llama.Params, itemsize, limit: int) -> list[list[str]]:
     """HF names grouped into shards of at most `limit` bytes (a larger tensor gets its own)."""
     names = hf_names(cfg)
-    leaves = dict(_leaf_paths(params))
+    leaves = dict(leaf_paths(params))
     shards: list[list[str]] = [[]]
     size = 0
     for name in sorted(names, key=_natural_key):
@@ -286,7 +272,7 @@ def _shard_plan(cfg: llama.LlamaConfig, params: llama.Params, itemsize, limit: i
 
 def _host_tensors(cfg, params, names: list[str], dtype) -> dict[str, np.ndarray]:
     where = hf_names(cfg)
-    leaves = dict(_leaf_paths(params))
+    leaves = dict(leaf_paths(params))
     out = {}
     for name in names:
         path, layer = where[name]

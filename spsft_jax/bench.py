@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spsft_jax import delta as deltas
+from spsft_jax import trees
 from spsft_jax import llama, losses, train
 
 GiB = 2**30
@@ -89,7 +90,7 @@ def _selection(cfg: llama.LlamaConfig, targets: str, rank: int) -> dict:
         entries[path] = {"rows": np.broadcast_to(rows, (cfg.num_layers, rank)).copy()}
     tree: dict = {}
     for path, entry in entries.items():
-        tree = deltas.set_nested(tree, path, entry)
+        tree = trees.set_nested(tree, path, entry)
     return tree
 
 

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
 from spsft_jax import delta as deltas
+from spsft_jax import trees
 from spsft_jax.atomic import atomic_file
 
 DELTAS_KEY = "spsft_jax.deltas"
@@ -77,7 +78,7 @@ def load_delta(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
             elif field.name in meta:
                 fields[field.name] = meta[field.name]
         try:
-            tree = deltas.set_nested(tree, tuple(key.split("/")), cls(**fields))
+            tree = trees.set_nested(tree, tuple(key.split("/")), cls(**fields))
         except TypeError as err:
             raise ValueError(f"{path}: module {key}: {err}") from None
     if arrays:

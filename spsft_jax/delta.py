@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from spsft_jax.llama import Params
+from spsft_jax.trees import set_nested
 
 
 def _pytree(*, meta: tuple[str, ...] = ()):
@@ -322,12 +323,6 @@ def scales(params: Params, modules: list[tuple[str, ...]], batch: int | None = N
         shape = (*lead, d_out) if batch is None else (*lead, batch, d_out)
         tree = set_nested(tree, path, ScaleDelta(jnp.ones(shape, jnp.float32)))
     return tree
-
-
-def set_nested(tree: dict, path: tuple[str, ...], value) -> dict:
-    if len(path) == 1:
-        return {**tree, path[0]: value}
-    return {**tree, path[0]: set_nested(tree.get(path[0], {}), path[1:], value)}
 
 
 def norms(params: Params, dtype=jnp.float32) -> Any:

@@ -35,6 +35,7 @@ import numpy as np
 
 from spsft_jax import delta as delta_lib
 from spsft_jax import llama, losses
+from spsft_jax.trees import nest
 
 Scores = dict[str, Any]
 LossFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -51,7 +52,7 @@ def magnitude(cfg: llama.LlamaConfig, params: llama.Params, targets="all-linear"
     `cfg` is unused (the weights carry their shapes); it keeps the metrics' signatures alike.
     """
     del cfg
-    return _nest({
+    return nest({
         path: jnp.linalg.norm(_weight(params, path).astype(jnp.float32), axis=-1)
         for path in _paths(targets)
     })
@@ -256,7 +257,7 @@ def _row_derivatives(params, inputs, *, cfg, modules, remat, loss_fn, per_exampl
         return sums.sum(), counts
 
     grads, counts = jax.grad(summed_loss, has_aux=True)(_unit_scales(params, modules, batch_size))
-    return _nest({path: d.scale for path, d in delta_lib.leaves(grads)}), counts
+    return nest({path: d.scale for path, d in delta_lib.leaves(grads)}), counts
 
 
 @jax.jit(static_argnames=("cfg", "modules", "remat", "loss_fn"), donate_argnames=("total", "tokens"))
@@ -298,18 +299,7 @@ def _weight(params, path) -> jax.Array:
 def _zero_scores(params, modules, num_classes: int | None = None) -> Scores:
     """Float32 zeros `[L, d_out]` per module (`[C, L, d_out]` with a class axis)."""
     lead = () if num_classes is None else (num_classes,)
-    return _nest({p: jnp.zeros(lead + _weight(params, p).shape[:-1], jnp.float32) for p in modules})
-
-
-def _nest(flat: Mapping[tuple[str, ...], Any]) -> Scores:
-    """{("layers", "mlp", "up_proj"): x} -> {"layers": {"mlp": {"up_proj": x}}}."""
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
+    return nest({p: jnp.zeros(lead + _weight(params, p).shape[:-1], jnp.float32) for p in modules})
 
 
 def _model_inputs(batch: Mapping[str, Any], index: int) -> dict[str, jax.Array | None]:

@@ -29,6 +29,7 @@ import numpy as np
 
 from spsft_jax import atomic
 from spsft_jax.llama import LlamaConfig
+from spsft_jax.trees import leaf_paths, nest
 
 Selection = dict[str, Any]
 Path = tuple[str, ...]
@@ -100,12 +101,12 @@ def select(
                              "to count each module's parameters per row")
         picked = _global_rows(flat, costs or {p: 1 for p in flat}, rank=rank, ratio=ratio,
                               normalize=normalize)
-    return _nest({path: _rows_entry(kept) for path, kept in picked.items() if any(map(len, kept))})
+    return nest({path: _rows_entry(kept) for path, kept in picked.items() if any(map(len, kept))})
 
 
 def _flat_scores(scores) -> dict[Path, np.ndarray]:
     flat = {}
-    for path, leaf in _leaves(scores):
+    for path, leaf in leaf_paths(scores):
         s = np.asarray(leaf)
         where = "/".join(path)
         if s.ndim != 2:
@@ -135,7 +136,7 @@ def _row_costs(flat, cfg, params_per_row) -> dict[Path, int] | None:
     if params_per_row is not None:
         if isinstance(params_per_row, (int, np.integer)):
             return {path: int(params_per_row) for path in flat}
-        given = dict(_leaves(params_per_row))
+        given = dict(leaf_paths(params_per_row))
         missing = [("/".join(p)) for p in flat if p not in given]
         if missing:
             raise ValueError(f"params_per_row has no entry for {', '.join(missing)}")
@@ -294,7 +295,7 @@ def load(path: str | os.PathLike, *, cfg: LlamaConfig | None = None) -> tuple[Se
     for module, entry in flat.items():
         _check_entry(f"{path}: tensor {'/'.join(module)}", module, entry, cfg)
         entry["rows"] = entry["rows"].astype(np.int32)
-    return _nest(flat), info
+    return nest(flat), info
 
 
 def _check_entry(where: str, module: Path, entry: Mapping[str, np.ndarray], cfg) -> None:
@@ -323,13 +324,6 @@ def _check_entry(where: str, module: Path, entry: Mapping[str, np.ndarray], cfg)
 # --------------------------------------------------------------------------- pytree helpers
 
 
-def _leaves(tree, path: Path = ()) -> list[tuple[Path, Any]]:
-    """(path, leaf) for every non-dict leaf of a nested dict."""
-    if isinstance(tree, Mapping):
-        return [item for key in tree for item in _leaves(tree[key], path + (key,))]
-    return [(path, tree)]
-
-
 def _entries(selection, path: Path = ()) -> list[tuple[Path, Mapping[str, np.ndarray]]]:
     """(module path, {"rows", "mask"?}) for every module of a selection."""
     if not isinstance(selection, Mapping):
@@ -337,13 +331,3 @@ def _entries(selection, path: Path = ()) -> list[tuple[Path, Mapping[str, np.nda
     if "rows" in selection:
         return [(path, selection)]
     return [item for key in selection for item in _entries(selection[key], path + (key,))]
-
-
-def _nest(flat: Mapping[Path, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree

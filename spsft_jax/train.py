@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from spsft_jax import delta as deltas
+from spsft_jax import trees
 from spsft_jax import llama
 from spsft_jax.losses import causal_lm_loss, chunked_causal_lm_loss
 
@@ -108,10 +109,6 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 # --------------------------------------------------------------------------- trainable / frozen
 
 
-def _path_leaves(tree) -> set[tuple[str, ...]]:
-    return {tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def split_params(params: llama.Params, train: Callable[[tuple[str, ...]], bool]):
     """(trained, rest) of a parameter tree by leaf path; None where the other has the leaf."""
 
@@ -185,8 +182,9 @@ def trained_delta(params: llama.Params, trainable: dict, frozen: dict) -> Any:
     _, delta = join(trainable, frozen)
     tree = delta or {}
     updates: dict[tuple[str, ...], dict[str, jax.Array]] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(trainable["params"])[0]:
-        keys = tuple(k.key for k in path)
+    for keys, leaf in trees.leaf_paths(trainable["params"]):
+        if leaf is None:
+            continue
         original = llama.subtree(params, *keys)
         updates.setdefault(keys[:-1], {})[keys[-1]] = (leaf - original).astype(jnp.float32)
     for module_path, fields in updates.items():
@@ -194,7 +192,7 @@ def trained_delta(params: llama.Params, trainable: dict, frozen: dict) -> Any:
             new = deltas.NormDelta(fields["weight"])
         else:
             new = deltas.DenseDelta(fields["weight"], fields.get("bias"))
-        tree = deltas.set_nested(tree, module_path, new)
+        tree = trees.set_nested(tree, module_path, new)
     return tree
 
 

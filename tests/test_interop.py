@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import spsft_jax as sj
+from spsft_jax.trees import leaf_paths
 from conftest import hf_logits, make_hf_model
 
 hf_io = sj.interop.hf
@@ -50,7 +51,7 @@ def _assert_bit_identical(a: np.ndarray, b: np.ndarray, what=""):
 
 
 def _assert_same_params(p, q):
-    pa, pb = dict(hf_io._leaf_paths(p)), dict(hf_io._leaf_paths(q))
+    pa, pb = dict(leaf_paths(p)), dict(leaf_paths(q))
     assert pa.keys() == pb.keys()
     for path in pa:
         _assert_bit_identical(np.asarray(pa[path]), np.asarray(pb[path]), "/".join(path))
@@ -259,7 +260,7 @@ def test_bf16_checkpoint_dtype_preserved_or_converted(tmp_path):
 
     _, params32 = sj.interop.load_hf(src, dtype=jnp.float32)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params32)} == {jnp.dtype(jnp.float32)}
-    for (path, a), (_, b) in zip(hf_io._leaf_paths(params), hf_io._leaf_paths(params32)):
+    for (path, a), (_, b) in zip(leaf_paths(params), leaf_paths(params32)):
         np.testing.assert_array_equal(np.asarray(a).astype(np.float32), np.asarray(b), "/".join(path))
 
     # bf16 params saved with dtype=None stay bf16, bit for bit.

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from spsft_jax import delta, llama, selection
+from spsft_jax.trees import leaf_paths, nest
 
 CFG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
                         num_heads=4, num_kv_heads=2, head_dim=8)
@@ -15,7 +16,7 @@ SHAPES = CFG.linear_shapes()
 
 def _scores(seed=0, paths=PATHS):
     rng = np.random.default_rng(seed)
-    return selection._nest({p: rng.random((CFG.num_layers, SHAPES[p[-1]][0])).astype(np.float32)
+    return nest({p: rng.random((CFG.num_layers, SHAPES[p[-1]][0])).astype(np.float32)
                             for p in paths})
 
 
@@ -81,7 +82,7 @@ def test_global_scope_ranks_all_layers_together_and_pads_with_a_mask():
     picked = selection.select(scores, rank=6, scope="global")  # no cfg: the budget counts rows
 
     # Reference: the 6 * 3 layers * 2 modules best rows of all, by score.
-    flat = [(s, path, layer, row) for path, module_scores in selection._leaves(scores)
+    flat = [(s, path, layer, row) for path, module_scores in leaf_paths(scores)
             for layer, layer_scores in enumerate(module_scores) for row, s in enumerate(layer_scores)]
     flat.sort(key=lambda item: -item[0])
     expected = {(path, layer, row) for _, path, layer, row in flat[:6 * 3 * 2]}

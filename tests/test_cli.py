@@ -1,0 +1,179 @@
+"""The `spsft-jax` command on its embedded default model: finetune, export, generate,
+and how it fails on bad input (exit 2, one line naming the file, nothing written)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import hf_logits, rel_max_err
+from spsft_jax import checkpoint, cli, data, generate, interop, llama
+from spsft_jax import delta as deltas
+from spsft_jax import selection as selection_lib
+
+MODEL = cli.default_asset()
+PROMPT = "What is 1 plus 2? "
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One short `spsft-jax finetune` on the default model and task: its output folder."""
+    tmp = tmp_path_factory.mktemp("cli")
+    small_eval = tmp / "eval.jsonl"  # one record keeps the exact-match decoding short
+    small_eval.write_text(json.dumps({"prompt": PROMPT, "response": "3!"}) + "\n")
+    out = tmp / "run"
+    assert cli.main(["finetune", "--steps", "5", "--quiet", "--importance-batches", "2",
+                     "--eval", str(small_eval), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return interop.load_hf(MODEL)
+
+
+def test_finetune_writes_adapter_selection_history(run, model):
+    cfg, params = model
+    assert sorted(p.name for p in run.iterdir()) == [
+        "adapter.safetensors", "history.json", "selection.safetensors"]
+    summary = json.loads((run / "history.json").read_text())
+    assert summary["method"] == "spsft" and summary["steps"] == len(summary["history"]) == 5
+    losses = [h["loss"] for h in summary["history"]]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+
+    delta, metadata = checkpoint.load_delta(run / "adapter.safetensors")
+    assert metadata["method"] == "spsft" and metadata["model"] == str(MODEL)
+    chosen, _ = selection_lib.load(run / "selection.safetensors", cfg=cfg)
+    assert {p for p, _ in deltas.leaves(delta)} == set(llama.module_paths("all-linear"))
+    for path, d in deltas.leaves(delta):
+        np.testing.assert_array_equal(d.rows, llama.subtree(chosen, *path)["rows"])
+        assert np.abs(np.asarray(d.w_f)).max() > 0
+    assert summary["trainable_params"] == selection_lib.num_selected_params(chosen, cfg)
+
+
+_jit_forward = jax.jit(llama.forward, static_argnums=0)
+
+
+def _our_logits(cfg, params, delta, ids):
+    return np.asarray(_jit_forward(cfg, params, ids, None, delta))
+
+
+def test_export_hf_loads_in_transformers(run, model, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    cfg, params = model
+    out = tmp_path / "merged"
+    assert cli.main(["export", "--adapter", str(run / "adapter.safetensors"), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert (out / "tokenizer.json").is_file()  # copied from the model folder
+
+    hf = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 12)).astype(np.int32)
+    delta, _ = checkpoint.load_delta(run / "adapter.safetensors")
+    ours = _our_logits(cfg, params, delta, ids)
+    assert rel_max_err(ours, _our_logits(cfg, params, None, ids)) > 1e-3  # the adapter matters
+    assert rel_max_err(hf_logits(hf, ids), ours) < 1e-5
+
+
+def test_export_peft_loads_in_peft(run, model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg, params = model
+    out = tmp_path / "peft"
+    assert cli.main(["export", "--adapter", str(run / "adapter.safetensors"), "--out", str(out),
+                     "--format", "peft"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    base = AutoModelForCausalLM.from_pretrained(MODEL, attn_implementation="eager").eval()
+    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    ids = np.random.default_rng(1).integers(3, cfg.vocab_size, (2, 12)).astype(np.int32)
+    delta, _ = checkpoint.load_delta(run / "adapter.safetensors")
+    assert rel_max_err(hf_logits(peft_model, ids), _our_logits(cfg, params, delta, ids)) < 1e-5
+
+
+def test_generate_with_adapter(run, model, capsys):
+    cfg, params = model
+    adapter = run / "adapter.safetensors"
+    # (The default 16 new tokens: the decoding compiled for the evaluation above is reused.)
+    assert cli.main(["generate", "--adapter", str(adapter), "--prompt", PROMPT]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # The same greedy continuation computed here directly.
+    tokenizer = data.load_tokenizer(MODEL)
+    prompt = [tokenizer.token_to_id("<s>")] + tokenizer.encode(PROMPT, add_special_tokens=False).ids
+    new = generate.greedy(cfg, params, [prompt], max_new_tokens=16,
+                          delta=checkpoint.load_delta(adapter)[0],
+                          eos_token_id=tokenizer.token_to_id("</s>"))[0]
+    assert lines == [PROMPT + tokenizer.decode(new)]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad_jsonl(tmp_path, line):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{"text": "c d"}\n' + line + "\n")
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing-model", "missing-data", "bad-json-line", "bad-record-line",
+                                  "missing-eval"])
+def test_finetune_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case):
+    out = tmp_path / "out"
+    args = ["finetune", "--steps", "2", "--quiet", "--out", str(out)]
+    if case == "missing-model":
+        named = str(tmp_path / "no-such-model")
+        args += ["--model", named]
+    elif case == "missing-data":
+        named = str(tmp_path / "no-such-data.jsonl")
+        args += ["--data", named]
+    elif case == "missing-eval":
+        named = str(tmp_path / "no-such-eval.jsonl")
+        args += ["--eval", named]
+    else:
+        bad = "{not json" if case == "bad-json-line" else '{"prompt": "only a prompt"}'
+        named = f"{_bad_jsonl(tmp_path, bad)}:3"
+        args += ["--data", named[:-2]]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("spsft-jax finetune: error:") and named in err[0]
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["bad.jsonl"])
+
+
+@pytest.mark.parametrize("command", ["export", "generate"])
+def test_missing_adapter_exits_2_and_writes_nothing(tmp_path, capsys, command):
+    adapter = tmp_path / "no-such-adapter.safetensors"
+    out = tmp_path / "out"
+    args = [command, "--adapter", str(adapter)]
+    args += ["--out", str(out)] if command == "export" else ["--prompt", PROMPT]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(adapter) in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- console script
+
+
+@pytest.mark.slow
+def test_console_script_runs(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "spsft_jax.cli", "finetune", "--steps", "3", "--quiet", "--eval", "",
+         "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "adapter.safetensors").is_file() and (out / "history.json").is_file()
+    summary = json.loads((out / "history.json").read_text())
+    assert summary["steps"] == 3 and summary["eval_before"] is None
+    assert "wrote" in proc.stdout
