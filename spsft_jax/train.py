@@ -209,11 +209,11 @@ def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, ke
     from spsft_jax import tokentune
 
     k = tokentune.num_selected(ids.shape[1], tc.tokentune)
-    prefer = jnp.concatenate([labels[:, 1:] != -100, jnp.zeros_like(labels[:, :1], bool)], axis=1)
-    indices, valid = tokentune.select_tokens(key, mask, k, prefer=prefer)
-    logits = tokentune.forward(cfg, params, ids, indices, mask, delta, remat=tc.remat)
+    indices, valid = tokentune.select_tokens(key, mask, k, prefer=tokentune.loss_bearing(labels))
     if tc.tokentune_loss == "selected":
-        labels = tokentune.restrict_labels(labels, indices, valid)
+        return tokentune.selected_causal_lm_loss(cfg, params, ids, indices, labels, mask, delta,
+                                                 valid=valid, remat=tc.remat)
+    logits = tokentune.forward(cfg, params, ids, indices, mask, delta, remat=tc.remat)
     return causal_lm_loss(logits, labels)
 
 

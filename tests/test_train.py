@@ -381,3 +381,55 @@ def test_schedule_without_warmup_starts_at_peak():
     tc = train.TrainConfig(steps=4, learning_rate=1.0, warmup=0, schedule="linear")
     sched = train.learning_rate_schedule(tc)
     assert [float(sched(t)) for t in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+def test_checkpoint_resume_continues_the_same_run(params, tmp_path):
+    """A run stopped after a checkpoint and restarted ends where an unbroken run does."""
+    selection = _selection()
+    whole = _finetune(params, selection, steps=6)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_step_4(record):
+        if record["step"] == 4:
+            raise Stop
+
+    options = dict(config=CFG, steps=6, learning_rate=1e-2, checkpoint_dir=str(tmp_path))
+    with pytest.raises(Stop):
+        train.finetune(params, selection, DATA, checkpoint_every=3, callback=stop_at_step_4, **options)
+    resumed = train.finetune(params, selection, DATA, **options)
+    assert [h["step"] for h in resumed.history] == [4, 5, 6]
+    np.testing.assert_allclose([h["loss"] for h in resumed.history],
+                               [h["loss"] for h in whole.history[3:]], rtol=1e-6)
+    for (_, a), (_, b) in zip(deltas.leaves(resumed.delta), deltas.leaves(whole.delta)):
+        np.testing.assert_allclose(a.w_f, b.w_f, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["spsft", "lora", "dense", "head"])
+def test_tokentune_composes_with_every_method(params, method):
+    """TokenTune is one option of finetune(): with remat and accumulation, every method trains."""
+    selection = _selection() if method == "spsft" else None
+    result = train.finetune(params, selection, DATA, config=CFG, steps=6, learning_rate=1e-2,
+                            method=method, tokentune=0.5, remat="full", grad_accum=2)
+    losses = [h["loss"] for h in result.history]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+
+
+def test_tokentune_all_tokens_is_the_ordinary_step(params):
+    """Fraction 1.0 selects every token: the step's gradients are the ordinary ones."""
+    batch = {k: v[None] for k, v in _batch(7).items()}  # [grad_accum=1, B, T], no padding
+    sgd = optax.sgd(1.0)
+
+    def updated(tokentune):
+        tc = train.TrainConfig(steps=1, tokentune=tokentune, max_grad_norm=None)
+        trainable, frozen = train.prepare(params, _selection())
+        trainable = _random_like(trainable, jax.random.key(3))
+        step = train.make_train_step(CFG, tc, sgd)
+        new, _, metrics = step(trainable, sgd.init(trainable), frozen, batch, jax.random.key(0))
+        return new, metrics["loss"]
+
+    (plain, plain_loss), (tt, tt_loss) = updated(None), updated(1.0)
+    np.testing.assert_allclose(tt_loss, plain_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(tt), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

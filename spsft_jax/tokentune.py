@@ -1,0 +1,349 @@
+"""TokenTune: run the forward pass on all tokens, backpropagate through k of them.
+
+Each example's tokens are split into a selected set (k per row, static) and the
+rest. Both run through every layer, so the logits equal `llama.forward`'s; but
+the rest are computed from `stop_gradient`ed inputs and a `stop_gradient`ed
+delta, so the backward pass never visits them and none of their activations are
+kept. Selected queries attend to the keys/values of all tokens, the unselected
+ones acting as constants. Activation memory therefore scales with k, not T.
+
+Arrays in and out (B batch, T sequence, k selected per row):
+
+    indices, valid = select_tokens(key, attention_mask [B, T], k, prefer=None)
+        indices: [B, k] int32, ascending, distinct; valid: [B, k] bool, False where
+        a row had fewer than k real tokens and a padding position filled the slot
+    logits = forward(cfg, params, input_ids [B, T], indices, attention_mask, delta)
+        logits: [B, T, vocab], as `llama.forward`; gradients flow from the selected
+        positions' logits only
+    labels = restrict_labels(labels [B, T], indices, valid)
+        -100 except where the logits at position t (which predict labels[t + 1])
+        are selected, so a causal-LM loss counts selected positions only
+    loss_sum, count = selected_causal_lm_loss(cfg, params, input_ids, indices, labels,
+                                              attention_mask, delta, valid=valid)
+        the same loss and gradient as `causal_lm_loss(forward(...), restrict_labels(...))`
+        with the head run on the k selected tokens only: no [B, T, vocab] logits
+
+A training step:
+
+    k = num_selected(T, 0.25)
+    indices, valid = select_tokens(key, batch["attention_mask"], k,
+                                   prefer=loss_bearing(batch["labels"]))
+    loss_sum, count = selected_causal_lm_loss(cfg, params, batch["input_ids"], indices,
+                                              batch["labels"], batch["attention_mask"],
+                                              delta, valid=valid)
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from spsft_jax import llama
+from spsft_jax.llama import LlamaConfig, Params, subtree
+from spsft_jax.losses import IGNORE_INDEX, cross_entropy
+
+# Unselected queries attend in blocks of max(k, this) (at most cfg.chunk_tokens):
+# transients no larger than the selected path's, without a long loop of tiny blocks.
+MIN_QUERY_CHUNK = 64
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def num_selected(seq_len: int, fraction_or_count: float | int) -> int:
+    """Tokens to backpropagate through per row: a fraction in (0, 1] of `seq_len`
+    (rounded up) or an int count; at least 2 (the first and last token), at most `seq_len`.
+
+    >>> [num_selected(512, 0.25), num_selected(512, 1.0), num_selected(512, 64)]
+    [128, 512, 64]
+    >>> num_selected(10, 0.01)  # never fewer than the first and last token
+    2
+    """
+    if isinstance(fraction_or_count, bool):
+        raise TypeError("fraction_or_count: give a fraction in (0, 1] or an int count, not a bool")
+    if isinstance(fraction_or_count, numbers.Integral):
+        count = int(fraction_or_count)
+        if count < 1:
+            raise ValueError(f"token count {count} must be at least 1")
+    else:
+        fraction = float(fraction_or_count)
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"token fraction {fraction} must be in (0, 1]")
+        # Round away float noise first (0.3 * 10 is 3.0000000000000004, not 4 tokens).
+        count = math.ceil(round(fraction * seq_len, 6))
+    return min(seq_len, max(2, count))
+
+
+def loss_bearing(labels: jax.Array) -> jax.Array:
+    """`[B, T]` bool: the positions whose logits carry loss (labels[t + 1] != -100).
+
+    Use as `prefer=` in `select_tokens` so the selected tokens are those with a loss.
+    """
+    carries = labels[:, 1:] != IGNORE_INDEX
+    return jnp.pad(carries, ((0, 0), (0, 1)))
+
+
+def select_tokens(
+    key: jax.Array, attention_mask: jax.Array, k: int, *, prefer: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Choose k positions per row to backpropagate through, uniformly at random.
+
+    Priority, highest first: the first and the last real token of each row (always
+    kept), real tokens where `prefer` is True, other real tokens, padding. Within a
+    tier the order is random, drawn from `key` (same key, same choice). Padding is
+    only taken to keep the shape static when a row has fewer than k real tokens;
+    `valid` marks those slots False, and `restrict_labels` then drops their loss.
+
+    key: a jax PRNG key; attention_mask: [B, T] (1 real, 0 padding); k: static int;
+    prefer: optional [B, T] bool, e.g. `loss_bearing(labels)`.
+    Returns (indices [B, k] int32 ascending and distinct, valid [B, k] bool).
+    """
+    b, t = attention_mask.shape
+    if not 1 <= k <= t:
+        raise ValueError(f"k={k} tokens must be between 1 and the sequence length {t}")
+    real = attention_mask.astype(bool)
+    positions = jnp.arange(t)
+    first = jnp.argmax(real, axis=1)
+    last = t - 1 - jnp.argmax(real[:, ::-1], axis=1)
+    ends = real & ((positions == first[:, None]) | (positions == last[:, None]))
+    preferred = real if prefer is None else real & prefer.astype(bool)
+    # Integer tier plus a uniform draw in [0, 1): top-k takes whole tiers first, random within.
+    tier = real.astype(jnp.float32) + preferred + 2.0 * ends
+    score = tier + jax.random.uniform(key, (b, t))
+    _, chosen = jax.lax.top_k(score, k)
+    indices = jnp.sort(chosen, axis=1).astype(jnp.int32)
+    return indices, jnp.take_along_axis(real, indices, axis=1)
+
+
+def selected_mask(token_indices: jax.Array, seq_len: int,
+                  valid: jax.Array | None = None) -> jax.Array:
+    """`[B, T]` bool, True at the selected (and valid) positions."""
+    b = token_indices.shape[0]
+    marks = jnp.ones(token_indices.shape, bool) if valid is None else valid.astype(bool)
+    return jnp.zeros((b, seq_len), bool).at[jnp.arange(b)[:, None], token_indices].set(marks)
+
+
+def unselected_indices(token_indices: jax.Array, seq_len: int) -> jax.Array:
+    """`[B, T - k]` int32: the positions not in `token_indices`, ascending."""
+    k = token_indices.shape[1]
+    chosen = selected_mask(token_indices, seq_len)
+    # A stable sort of "not chosen" puts the chosen first and the rest after, each in order.
+    order = jnp.argsort(~chosen, axis=1, stable=True)
+    return order[:, k:].astype(jnp.int32)
+
+
+def selected_targets(labels: jax.Array, token_indices: jax.Array,
+                     valid: jax.Array | None = None) -> jax.Array:
+    """`[B, k]`: the label each selected position's logits predict, labels[t + 1]
+    (-100 for the last position, which predicts nothing, and for padding fill)."""
+    next_labels = jnp.pad(labels[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE_INDEX)
+    targets = jnp.take_along_axis(next_labels, token_indices, axis=1)
+    return targets if valid is None else jnp.where(valid, targets, IGNORE_INDEX)
+
+
+def restrict_labels(labels: jax.Array, token_indices: jax.Array,
+                    valid: jax.Array | None = None) -> jax.Array:
+    """Labels with -100 everywhere except the targets of the selected positions.
+
+    HF convention: the loss at position t compares logits[t] with labels[t + 1], so a
+    selected t keeps labels[t + 1]. Slots with `valid` False (padding fill) keep nothing.
+    """
+    keep = selected_mask(token_indices, labels.shape[1], valid)
+    keep = jnp.pad(keep[:, :-1], ((0, 0), (1, 0)))  # shift: label t+1 belongs to logits t
+    return jnp.where(keep, labels, IGNORE_INDEX)
+
+
+# --------------------------------------------------------------------------- split forward
+
+
+def _take(x: jax.Array, indices: jax.Array) -> jax.Array:
+    """`x[b, indices[b]]` for `x [B, T, ...]` and `indices [B, n]` -> `[B, n, ...]`."""
+    return x[jnp.arange(x.shape[0])[:, None], indices]
+
+
+def _interleave(selected: jax.Array, rest: jax.Array, sel_idx: jax.Array,
+                rest_idx: jax.Array) -> jax.Array:
+    """Put `[B, k, ...]` and `[B, T-k, ...]` back at their original positions: `[B, T, ...]`."""
+    b, t = selected.shape[0], sel_idx.shape[1] + rest_idx.shape[1]
+    rows = jnp.arange(b)[:, None]
+    out = jnp.zeros((b, t) + selected.shape[2:], selected.dtype)
+    # Scatter-set: its transpose for `selected` is a gather of only k positions.
+    out = out.at[rows, sel_idx].set(selected, unique_indices=True)
+    return out.at[rows, rest_idx].set(rest.astype(selected.dtype), unique_indices=True)
+
+
+def _attention_inputs(cfg, layer, layer_delta, h, cos, sin):
+    """Input norm and q/k/v projections of one decoder layer (as `llama.decoder_layer`)."""
+    x = llama.rms_norm(h, layer["input_layernorm"], cfg.rms_norm_eps,
+                       subtree(layer_delta, "input_layernorm"))
+    return llama.attention_projections(cfg, layer, layer_delta, x, cos, sin)
+
+
+def _layer_output(cfg, layer, layer_delta, h, attn):
+    """o_proj, residual and the MLP half of one decoder layer (as `llama.decoder_layer`)."""
+    h = h + llama.attention_output(cfg, layer, layer_delta, attn)
+    return llama.mlp_block(cfg, layer, layer_delta, h)
+
+
+def _attend_constant(q, keys, values, allowed, chunk: int):
+    """`llama.attend` for the unselected queries, `chunk` queries at a time.
+
+    Nothing here is differentiated, so its values need not be kept: running the
+    queries in blocks bounds the transient scores to `[B, heads, chunk, T]`
+    instead of `[B, heads, T - k, T]`. `jax.checkpoint` stops the scan's partial
+    evaluation from hoisting the loop-invariant mask broadcasts out of the layer
+    loop, where they would be materialised at full `[B, heads, T - k, T]` size.
+    """
+
+    def one_query(q_and_allowed):
+        q_t, allowed_t = q_and_allowed  # [B, heads, hd], [B, Tk]
+        return llama.attend(q_t[:, None], keys, values, allowed_t[:, None])[:, 0]
+
+    def blocks(q, allowed):
+        if q.shape[1] <= chunk:
+            return llama.attend(q, keys, values, allowed)
+        out = jax.lax.map(one_query, (q.swapaxes(0, 1), allowed.swapaxes(0, 1)), batch_size=chunk)
+        return out.swapaxes(0, 1)
+
+    return jax.checkpoint(blocks, prevent_cse=False)(q, allowed)
+
+
+def _rest_query_chunk(cfg: LlamaConfig, k: int) -> int:
+    chunk = max(k, MIN_QUERY_CHUNK)
+    return min(chunk, cfg.chunk_tokens) if cfg.chunk_tokens else chunk
+
+
+def split_hidden_states(
+    cfg: LlamaConfig,
+    params: Params,
+    input_ids: jax.Array,
+    token_indices: jax.Array,
+    attention_mask: jax.Array | None = None,
+    delta: Any = None,
+    *,
+    position_ids: jax.Array | None = None,
+    remat: str | Callable | bool | None = None,
+    query_chunk: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Decoder output before the final norm, split: (h_selected [B, k, D],
+    h_rest [B, T-k, D] (constant: no gradient), rest_indices [B, T-k]).
+
+    One `lax.scan` over the stacked layers carries both halves; arguments as `forward`.
+    """
+    b, t = input_ids.shape
+    chunk = query_chunk or _rest_query_chunk(cfg, token_indices.shape[1])
+    sel_idx = token_indices.astype(jnp.int32)
+    rest_idx = unselected_indices(sel_idx, t)
+    positions = llama.default_positions(input_ids) if position_ids is None else position_ids
+    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    frozen_params, frozen_delta = jax.lax.stop_gradient((params, delta))
+
+    h_sel = llama.embed(params, _take(input_ids, sel_idx), delta)
+    h_rest = llama.embed(frozen_params, _take(input_ids, rest_idx), frozen_delta)
+    pos_sel, pos_rest = _take(positions, sel_idx), _take(positions, rest_idx)
+    cos_sel, sin_sel = llama.rope_tables(cfg, pos_sel, h_sel.dtype)
+    cos_rest, sin_rest = llama.rope_tables(cfg, pos_rest, h_sel.dtype)
+    # Keys are laid out [selected, rest]; the mask compares original positions, so no reorder.
+    kv_positions = jnp.concatenate([pos_sel, pos_rest], axis=1)
+    kv_valid = jnp.concatenate([_take(valid, sel_idx), _take(valid, rest_idx)], axis=1)
+    allowed_sel = llama.attention_mask_2d(pos_sel, kv_positions, kv_valid)
+    allowed_rest = llama.attention_mask_2d(pos_rest, kv_positions, kv_valid)
+
+    def body(carry, layer_and_delta):
+        h_sel, h_rest = carry
+        layer, layer_delta = layer_and_delta
+        # The rest path sees only constants: no tangent, hence nothing saved for it.
+        h_rest = jax.lax.stop_gradient(h_rest)
+        frozen_layer, frozen_layer_delta = jax.lax.stop_gradient((layer, layer_delta))
+        q_sel, k_sel, v_sel = _attention_inputs(cfg, layer, layer_delta, h_sel, cos_sel, sin_sel)
+        q_rest, k_rest, v_rest = _attention_inputs(
+            cfg, frozen_layer, frozen_layer_delta, h_rest, cos_rest, sin_rest)
+        keys = jnp.concatenate([k_sel, k_rest], axis=1)
+        values = jnp.concatenate([v_sel, v_rest], axis=1)
+        attn_sel = llama.attend(q_sel, keys, values, allowed_sel, cfg.chunk_tokens)
+        attn_rest = _attend_constant(q_rest, jax.lax.stop_gradient(keys),
+                                     jax.lax.stop_gradient(values), allowed_rest, chunk)
+        h_sel = _layer_output(cfg, layer, layer_delta, h_sel, attn_sel)
+        h_rest = _layer_output(cfg, frozen_layer, frozen_layer_delta, h_rest, attn_rest)
+        return (h_sel, h_rest), None
+
+    layers = (params["layers"], subtree(delta, "layers"))
+    (h_sel, h_rest), _ = jax.lax.scan(llama.remat_layer(body, remat), (h_sel, h_rest), layers)
+    return h_sel, jax.lax.stop_gradient(h_rest), rest_idx
+
+
+def forward(
+    cfg: LlamaConfig,
+    params: Params,
+    input_ids: jax.Array,
+    token_indices: jax.Array,
+    attention_mask: jax.Array | None = None,
+    delta: Any = None,
+    *,
+    position_ids: jax.Array | None = None,
+    remat: str | Callable | bool | None = None,
+    query_chunk: int | None = None,
+) -> jax.Array:
+    """Logits `[B, T, vocab]`, equal to `llama.forward`'s, with gradients through
+    the selected tokens only.
+
+    token_indices: `[B, k]` distinct positions (e.g. from `select_tokens`) whose
+    activations keep their gradient; every other token is a constant.
+    query_chunk: the unselected queries attend this many at a time (default
+    max(k, 64), at most `cfg.chunk_tokens`); it bounds their transient scores and
+    does not change the values. Other arguments as `llama.forward`.
+
+    >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
+    ...                   num_heads=4, num_kv_heads=2, head_dim=4)
+    >>> params = llama.init_params(cfg, jax.random.key(0))
+    >>> ids, mask = jnp.zeros((1, 6), jnp.int32), jnp.ones((1, 6), jnp.int32)
+    >>> indices, valid = select_tokens(jax.random.key(1), mask, 3)
+    >>> forward(cfg, params, ids, indices, mask).shape
+    (1, 6, 32)
+    """
+    h_sel, h_rest, rest_idx = split_hidden_states(
+        cfg, params, input_ids, token_indices, attention_mask, delta,
+        position_ids=position_ids, remat=remat, query_chunk=query_chunk)
+    # The head runs per path: the backward pass then multiplies only k rows.
+    logits_sel = llama.head(cfg, params, h_sel, delta)
+    frozen_params, frozen_delta = jax.lax.stop_gradient((params, delta))
+    logits_rest = llama.head(cfg, frozen_params, h_rest, frozen_delta)
+    return _interleave(logits_sel, logits_rest, token_indices.astype(jnp.int32), rest_idx)
+
+
+def selected_causal_lm_loss(
+    cfg: LlamaConfig,
+    params: Params,
+    input_ids: jax.Array,
+    token_indices: jax.Array,
+    labels: jax.Array,
+    attention_mask: jax.Array | None = None,
+    delta: Any = None,
+    *,
+    valid: jax.Array | None = None,
+    position_ids: jax.Array | None = None,
+    remat: str | Callable | bool | None = None,
+    query_chunk: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(summed loss, number of loss tokens) over the selected positions: the value and
+    gradient of `causal_lm_loss(forward(...), restrict_labels(labels, token_indices, valid))`
+    without ever forming the `[B, T, vocab]` logits.
+
+    Only the selected tokens go through the head (`cfg.chunk_tokens` at a time), so
+    the logits and their gradient are `[B, k, vocab]`; the unselected tokens' logits,
+    which carry no loss, are never computed.
+    """
+    h_sel, _, _ = split_hidden_states(
+        cfg, params, input_ids, token_indices, attention_mask, delta,
+        position_ids=position_ids, remat=remat, query_chunk=query_chunk)
+    targets = selected_targets(labels, token_indices, valid)
+
+    def block_losses(h_and_targets):
+        h, y = h_and_targets
+        return cross_entropy(llama.head(cfg, params, h, delta), y)
+
+    token_losses, counts = llama.token_blocks(block_losses, (h_sel, targets), cfg.chunk_tokens)
+    return token_losses.sum(), counts.sum(dtype=jnp.int32)
