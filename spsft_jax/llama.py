@@ -498,13 +498,23 @@ def mlp_block(cfg, layer, layer_delta, h: jax.Array) -> jax.Array:
     return h + linear(gated, mlp["down_proj"], subtree(d, "down_proj"))
 
 
-def decoder_layer(cfg, layer, layer_delta, h, cos, sin, allowed):
-    """One Llama decoder layer on hidden states `h [B, T, hidden]`."""
+def attention_inputs(cfg, layer, layer_delta, h, cos, sin):
+    """First half of a decoder layer up to attention: input norm, rotated q, k and v."""
     x = rms_norm(h, layer["input_layernorm"], cfg.rms_norm_eps,
                  subtree(layer_delta, "input_layernorm"))
-    q, k, v = attention_projections(cfg, layer, layer_delta, x, cos, sin)
-    h = h + attention_output(cfg, layer, layer_delta, attend(q, k, v, allowed, cfg.chunk_tokens))
+    return attention_projections(cfg, layer, layer_delta, x, cos, sin)
+
+
+def layer_output(cfg, layer, layer_delta, h, attn):
+    """Second half of a decoder layer: o_proj and residual, then the residual MLP."""
+    h = h + attention_output(cfg, layer, layer_delta, attn)
     return mlp_block(cfg, layer, layer_delta, h)
+
+
+def decoder_layer(cfg, layer, layer_delta, h, cos, sin, allowed):
+    """One Llama decoder layer on hidden states `h [B, T, hidden]`."""
+    q, k, v = attention_inputs(cfg, layer, layer_delta, h, cos, sin)
+    return layer_output(cfg, layer, layer_delta, h, attend(q, k, v, allowed, cfg.chunk_tokens))
 
 
 # --------------------------------------------------------------------------- model

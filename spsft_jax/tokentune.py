@@ -175,19 +175,6 @@ def _interleave(selected: jax.Array, rest: jax.Array, sel_idx: jax.Array,
     return out.at[rows, rest_idx].set(rest.astype(selected.dtype), unique_indices=True)
 
 
-def _attention_inputs(cfg, layer, layer_delta, h, cos, sin):
-    """Input norm and q/k/v projections of one decoder layer (as `llama.decoder_layer`)."""
-    x = llama.rms_norm(h, layer["input_layernorm"], cfg.rms_norm_eps,
-                       subtree(layer_delta, "input_layernorm"))
-    return llama.attention_projections(cfg, layer, layer_delta, x, cos, sin)
-
-
-def _layer_output(cfg, layer, layer_delta, h, attn):
-    """o_proj, residual and the MLP half of one decoder layer (as `llama.decoder_layer`)."""
-    h = h + llama.attention_output(cfg, layer, layer_delta, attn)
-    return llama.mlp_block(cfg, layer, layer_delta, h)
-
-
 def _attend_constant(q, keys, values, allowed, chunk: int):
     """`llama.attend` for the unselected queries, `chunk` queries at a time.
 
@@ -258,16 +245,16 @@ def split_hidden_states(
         # The rest path sees only constants: no tangent, hence nothing saved for it.
         h_rest = jax.lax.stop_gradient(h_rest)
         frozen_layer, frozen_layer_delta = jax.lax.stop_gradient((layer, layer_delta))
-        q_sel, k_sel, v_sel = _attention_inputs(cfg, layer, layer_delta, h_sel, cos_sel, sin_sel)
-        q_rest, k_rest, v_rest = _attention_inputs(
+        q_sel, k_sel, v_sel = llama.attention_inputs(cfg, layer, layer_delta, h_sel, cos_sel, sin_sel)
+        q_rest, k_rest, v_rest = llama.attention_inputs(
             cfg, frozen_layer, frozen_layer_delta, h_rest, cos_rest, sin_rest)
         keys = jnp.concatenate([k_sel, k_rest], axis=1)
         values = jnp.concatenate([v_sel, v_rest], axis=1)
         attn_sel = llama.attend(q_sel, keys, values, allowed_sel, cfg.chunk_tokens)
         attn_rest = _attend_constant(q_rest, jax.lax.stop_gradient(keys),
                                      jax.lax.stop_gradient(values), allowed_rest, chunk)
-        h_sel = _layer_output(cfg, layer, layer_delta, h_sel, attn_sel)
-        h_rest = _layer_output(cfg, frozen_layer, frozen_layer_delta, h_rest, attn_rest)
+        h_sel = llama.layer_output(cfg, layer, layer_delta, h_sel, attn_sel)
+        h_rest = llama.layer_output(cfg, frozen_layer, frozen_layer_delta, h_rest, attn_rest)
         return (h_sel, h_rest), None
 
     layers = (params["layers"], subtree(delta, "layers"))
