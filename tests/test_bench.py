@@ -1,0 +1,63 @@
+"""The memory benchmark: fields, parameter counts and orderings on a tiny setting."""
+import json
+
+import pytest
+
+from spsft_jax import bench, cli, llama
+
+TINY = bench.Setting("tiny", llama.LlamaConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=8), batch_size=2, seq_len=16, lora_rank=2, execute=True)
+FIELDS = {"setting", "method", "rank", "tokentune", "remat", "trainable_params", "mem_bytes",
+          "temp_bytes", "step_s"}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return bench.measure(TINY, remats=(None,), fractions=(0.5,))
+
+
+def _row(rows, method, tokentune=None):
+    return next(r for r in rows if r["method"] == method and r["tokentune"] == tokentune)
+
+
+def test_rows_have_the_documented_fields(rows):
+    assert {r["method"] for r in rows} >= {"inference", "dense", "head", "lora", "spsft",
+                                           "lora-mlp", "spsft-mlp", "taylor"}
+    for r in rows:
+        assert FIELDS <= r.keys()
+        assert r["setting"] == "tiny" and r["mem_bytes"] > 0
+        assert (r["step_s"] is None) == (r["method"] == "inference")
+
+
+def test_trainable_parameter_counts(rows):
+    cfg, r = TINY.cfg, TINY.lora_rank
+    shapes = cfg.linear_shapes()
+    lora = cfg.num_layers * sum(r * (o + i) for o, i in shapes.values())
+    spsft = cfg.num_layers * sum(2 * r * i for _, i in shapes.values())
+    assert _row(rows, "lora")["trainable_params"] == lora
+    assert _row(rows, "spsft")["trainable_params"] == spsft
+    assert _row(rows, "dense")["trainable_params"] == cfg.num_params()
+    assert _row(rows, "head")["trainable_params"] == cfg.vocab_size * cfg.hidden_size
+
+
+def test_memory_orderings(rows):
+    inference = _row(rows, "inference")["mem_bytes"]
+    for r in rows:
+        if r["method"] != "inference":
+            assert r["mem_bytes"] > inference
+            assert r["ttl_over_m"] == pytest.approx(r["mem_bytes"] / inference)
+    assert _row(rows, "dense")["mem_bytes"] > _row(rows, "spsft")["mem_bytes"]
+    assert _row(rows, "spsft", 0.5)["temp_bytes"] < _row(rows, "spsft")["temp_bytes"]
+
+
+def test_cli_bench_prints_one_json_object_per_line(monkeypatch, capsys):
+    monkeypatch.setitem(bench.SETTINGS, "small", TINY)
+    few = [bench.Variant("inference"), bench.Variant("spsft", 4)]
+    monkeypatch.setattr(bench, "variants", lambda setting, fractions=(): few)
+    assert cli.main(["bench", "--setting", "small", "--json", "--compile-only"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [(r["method"], r["remat"]) for r in records] == [
+        ("inference", None), ("spsft", None), ("inference", "full"), ("spsft", "full")]
+    assert all(FIELDS <= r.keys() and r["step_s"] is None for r in records)
