@@ -416,12 +416,17 @@ def token_blocks(fn: Callable, xs, chunk: int | None):
     """`fn(xs)` for a function that treats tokens (axis 1 of every array in `xs`)
     independently, computed `chunk` tokens at a time.
 
-    Each block is recomputed in the backward pass, so only one block's intermediates
-    exist at once. Falls back to one call when `chunk` does not divide the tokens.
+    Each block is recomputed in the backward pass (one block too), so only one
+    block's intermediates exist at once and none are kept between the passes.
+    Runs as one block when `chunk` does not divide the tokens; `chunk=None` turns
+    blocking and recomputation off.
     """
-    b, t = jax.tree.leaves(xs)[0].shape[:2]
-    if not chunk or t <= chunk or t % chunk:
+    if not chunk:
         return fn(xs)
+    b, t = jax.tree.leaves(xs)[0].shape[:2]
+    block = jax.checkpoint(fn, prevent_cse=False)
+    if t <= chunk or t % chunk:
+        return block(xs)
     n = t // chunk
 
     def split(x):  # [B, T, ...] -> [n, B, chunk, ...]
@@ -430,7 +435,7 @@ def token_blocks(fn: Callable, xs, chunk: int | None):
     def join(y):
         return jnp.swapaxes(y, 0, 1).reshape(b, t, *y.shape[3:])
 
-    return jax.tree.map(join, jax.lax.map(jax.checkpoint(fn), jax.tree.map(split, xs)))
+    return jax.tree.map(join, jax.lax.map(block, jax.tree.map(split, xs)))
 
 
 def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
