@@ -177,3 +177,19 @@ def test_console_script_runs(tmp_path):
     summary = json.loads((out / "history.json").read_text())
     assert summary["steps"] == 3 and summary["eval_before"] is None
     assert "wrote" in proc.stdout
+
+
+def test_plan_prints_memory_per_method(capsys):
+    assert cli.main(["plan", "--seq-len", "16", "--rank", "2", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    by_method = {r["method"]: r for r in records}
+    assert {"inference", "dense", "lora", "spsft"} <= set(by_method)
+    assert by_method["dense"]["mem_bytes"] > by_method["spsft"]["mem_bytes"] > by_method["inference"]["mem_bytes"]
+
+
+def test_select_writes_a_selection(tmp_path, capsys):
+    out = tmp_path / "sel.safetensors"
+    assert cli.main(["select", "--metric", "magnitude", "--rank", "3", "--out", str(out)]) == 0
+    chosen, meta = selection_lib.load(out)
+    rows = chosen["layers"]["mlp"]["up_proj"]["rows"]
+    assert rows.shape[1] == 3 and meta["metric"] == "magnitude"
