@@ -208,12 +208,6 @@ def _module_at(params: Params, path: tuple[str, ...]):
     return node
 
 
-def _set_at(tree: dict, path: tuple[str, ...], value) -> dict:
-    if not path:
-        return value
-    return {**tree, path[0]: _set_at(tree[path[0]], path[1:], value)}
-
-
 def merge(params: Params, delta: Any) -> Params:
     """Fold every delta into its module: plain parameters, same structure as `params`.
 
@@ -222,12 +216,11 @@ def merge(params: Params, delta: Any) -> Params:
     """
     merged = params
     for path, d in leaves(delta):
-        target = path
         if path == ("lm_head",) and "lm_head" not in params:
             raise ValueError("cannot merge an lm_head delta into tied embeddings; untie them first")
-        module = _module_at(params, target)
+        # Stacked layers: fold each layer's slice of the delta into its slice of the weight.
         fold = jax.vmap(type(d).merge) if path[0] == "layers" else type(d).merge
-        merged = _set_at(merged, target, fold(d, module))
+        merged = set_nested(merged, path, fold(d, _module_at(params, path)))
     return merged
 
 
