@@ -17,7 +17,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -250,10 +250,11 @@ def parse_size(size: int | str) -> int:
     return int(number * base**power)
 
 
-def _shard_plan(cfg: llama.LlamaConfig, params: llama.Params, itemsize, limit: int) -> list[list[str]]:
-    """HF names grouped into shards of at most `limit` bytes (a larger tensor gets its own)."""
-    names = hf_names(cfg)
-    leaves = dict(leaf_paths(params))
+def _shard_plan(names, leaves, itemsize, limit: int) -> list[list[str]]:
+    """HF names grouped into shards of at most `limit` bytes (a larger tensor gets its own).
+
+    names: `hf_names(cfg)`; leaves: our leaf path -> array.
+    """
     shards: list[list[str]] = [[]]
     size = 0
     for name in sorted(names, key=_natural_key):
@@ -270,11 +271,10 @@ def _shard_plan(cfg: llama.LlamaConfig, params: llama.Params, itemsize, limit: i
     return shards
 
 
-def _host_tensors(cfg, params, names: list[str], dtype) -> dict[str, np.ndarray]:
-    where = hf_names(cfg)
-    leaves = dict(leaf_paths(params))
+def _host_tensors(shard: list[str], where, leaves, dtype) -> dict[str, np.ndarray]:
+    """One shard's tensors gathered to the host (layer slices of the stacked leaves)."""
     out = {}
-    for name in names:
+    for name in shard:
         path, layer = where[name]
         array = np.asarray(leaves[path] if layer is None else leaves[path][layer])
         out[name] = array if dtype is None else array.astype(dtype)
@@ -301,7 +301,9 @@ def save_hf(
     first = jax.tree_util.tree_leaves(params)[0]
     storage = target or _np_dtype(first.dtype)
     dtype_name = {np.dtype(v): k for k, v in _NP_DTYPES.items()}[np.dtype(storage)]
-    shards = _shard_plan(cfg, params, target.itemsize if target else None, parse_size(max_shard_size))
+    where, leaves = hf_names(cfg), dict(leaf_paths(params))
+    shards = _shard_plan(where, leaves, target.itemsize if target else None,
+                         parse_size(max_shard_size))
     if tokenizer_from is not None and not Path(tokenizer_from).is_dir():
         # Asked for explicitly, so a typo must not silently export no tokenizer.
         raise FileNotFoundError(f"tokenizer_from={str(tokenizer_from)!r}: not a folder")
@@ -311,13 +313,13 @@ def save_hf(
     with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(dtype_name), indent=2) + "\n")
         if len(shards) == 1:
-            save_file(_host_tensors(cfg, params, shards[0], target), tmp / "model.safetensors",
+            save_file(_host_tensors(shards[0], where, leaves, target), tmp / "model.safetensors",
                       metadata={"format": "pt"})
         else:
             weight_map, total = {}, 0
             for i, names in enumerate(shards, 1):
                 file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                tensors = _host_tensors(cfg, params, names, target)
+                tensors = _host_tensors(names, where, leaves, target)
                 save_file(tensors, tmp / file, metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(names, file))
                 total += sum(t.nbytes for t in tensors.values())

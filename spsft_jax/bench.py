@@ -17,15 +17,12 @@ import dataclasses
 import json
 import statistics
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spsft_jax import delta as deltas
-from spsft_jax import trees
-from spsft_jax import llama, losses, train
+from spsft_jax import llama, losses, train, trees
 
 GiB = 2**30
 
@@ -98,10 +95,6 @@ def _batch_shapes(setting: Setting, grad_accum: int | None):
     lead = (grad_accum,) if grad_accum else ()
     shape = lead + (setting.batch_size, setting.seq_len)
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("input_ids", "attention_mask", "labels")}
-
-
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def lowered_step(setting: Setting, variant: Variant, remat: str | None, dtype=jnp.float32):
