@@ -138,7 +138,8 @@ class LlamaConfig:
                     f"{source}: unsupported config attribute {key}={hf[key]!r} "
                     f"(supported: {', '.join(map(repr, allowed))})"
                 )
-        unknown = sorted(set(hf) - _MODEL_KEYS - _IGNORED_KEYS - set(_MUST_EQUAL))
+        unknown = sorted(k for k in set(hf) - _MODEL_KEYS - _IGNORED_KEYS - set(_MUST_EQUAL)
+                         if not k.startswith("_"))  # "_name_or_path" and such: bookkeeping
         if unknown:
             raise ValueError(f"{source}: unsupported config attribute(s): {', '.join(unknown)}")
         try:
@@ -225,7 +226,7 @@ _IGNORED_KEYS = {
     "architectures", "transformers_version", "torch_dtype", "dtype", "initializer_range",
     "use_cache", "attention_dropout", "_name_or_path", "output_hidden_states", "output_attentions",
     "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id",
-    "problem_type", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+    "problem_type", "tokenizer_class", "prefix", "sep_token_id", "unk_token_id", "decoder_start_token_id",
     "task_specific_params", "finetuning_task", "tf_legacy_loss", "use_bfloat16",
     "torchscript", "pruned_heads", "tie_encoder_decoder", "add_cross_attention",
     "cross_attention_hidden_size", "is_decoder", "_attn_implementation_autoset",

