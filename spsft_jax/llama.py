@@ -419,24 +419,28 @@ def token_blocks(fn: Callable, xs, chunk: int | None):
 
     Each block is recomputed in the backward pass (one block too), so only one
     block's intermediates exist at once and none are kept between the passes.
-    Runs as one block when `chunk` does not divide the tokens; `chunk=None` turns
-    blocking and recomputation off.
+    A length that `chunk` does not divide ends with one shorter block, so no block
+    is ever longer than `chunk`; `chunk=None` turns blocking and recomputation off.
     """
     if not chunk:
         return fn(xs)
     b, t = jax.tree.leaves(xs)[0].shape[:2]
     block = jax.checkpoint(fn, prevent_cse=False)
-    if t <= chunk or t % chunk:
+    if t <= chunk:
         return block(xs)
-    n = t // chunk
+    n, rest = divmod(t, chunk)
 
-    def split(x):  # [B, T, ...] -> [n, B, chunk, ...]
-        return jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
+    def split(x):  # [B, n * chunk, ...] -> [n, B, chunk, ...]
+        return jnp.swapaxes(x[:, : n * chunk].reshape(b, n, chunk, *x.shape[2:]), 0, 1)
 
     def join(y):
-        return jnp.swapaxes(y, 0, 1).reshape(b, t, *y.shape[3:])
+        return jnp.swapaxes(y, 0, 1).reshape(b, n * chunk, *y.shape[3:])
 
-    return jax.tree.map(join, jax.lax.map(block, jax.tree.map(split, xs)))
+    out = jax.tree.map(join, jax.lax.map(block, jax.tree.map(split, xs)))
+    if not rest:
+        return out
+    tail = block(jax.tree.map(lambda x: x[:, n * chunk:], xs))
+    return jax.tree.map(lambda y, z: jnp.concatenate([y, z], axis=1), out, tail)
 
 
 def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:

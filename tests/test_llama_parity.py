@@ -46,13 +46,30 @@ def test_padded_batch_matches_transformers(tmp_path, side):
         assert rel_max_err(unmasked[valid], ref[valid]) > 1e-3
 
 
-def test_remat_policies_give_the_same_logits(tmp_path):
+def test_remat_policies_give_the_same_gradients(tmp_path, capsys):
+    """Remat changes what the backward pass recomputes, never the gradient; and it does
+    change what is kept (fewer saved residuals), so the policy really applies."""
+    import jax
+    from jax.ad_checkpoint import print_saved_residuals
+
     make_hf_model(tmp_path)
     cfg, params = sj.interop.load_hf(tmp_path)
     ids = jnp.asarray(_ids(1, 9, cfg.vocab_size))
-    plain = sj.llama.forward(cfg, params, ids)
+
+    def loss(p, remat):
+        return jnp.sum(jax.nn.log_softmax(sj.llama.forward(cfg, p, ids, remat=remat))[..., 0])
+
+    def saved(remat):  # residuals the backward pass keeps, one printed line each
+        capsys.readouterr()
+        print_saved_residuals(lambda p: loss(p, remat), params)
+        return len(capsys.readouterr().out.splitlines())
+
+    plain = jax.grad(loss)(params, None)
     for policy in ("full", "dots"):
-        np.testing.assert_array_equal(plain, sj.llama.forward(cfg, params, ids, remat=policy))
+        got = jax.grad(loss)(params, policy)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(plain)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert saved("full") < saved("dots") < saved(None)
 
 
 def test_token_blocks_change_nothing(tmp_path):
@@ -66,7 +83,7 @@ def test_token_blocks_change_nothing(tmp_path):
     make_hf_model(tmp_path)
     cfg, params = sj.interop.load_hf(tmp_path)
     blocked = dataclasses.replace(cfg, chunk_tokens=4)
-    ids = jnp.asarray(_ids(2, 16, cfg.vocab_size, seed=3))
+    ids = jnp.asarray(_ids(2, 18, cfg.vocab_size, seed=3))  # 4 blocks of 4 and one of 2
     labels = ids.at[0, :5].set(-100)
     np.testing.assert_allclose(sj.llama.forward(blocked, params, ids),
                                sj.llama.forward(cfg, params, ids), rtol=1e-6, atol=1e-6)
@@ -83,3 +100,19 @@ def test_token_blocks_change_nothing(tmp_path):
     np.testing.assert_allclose(got, ref, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(plain_grad)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_token_blocks_never_exceed_the_block_size():
+    """A length the block size does not divide ends in a shorter block, never one block
+    of the whole sequence (which would build the full score matrix)."""
+    import jax
+
+    seen = []
+
+    def fn(x):
+        seen.append(x.shape[1])
+        return 2 * x
+
+    x = jnp.arange(2 * 11 * 3, dtype=jnp.float32).reshape(2, 11, 3)
+    np.testing.assert_array_equal(jax.jit(lambda x: sj.llama.token_blocks(fn, x, 4))(x), 2 * x)
+    assert seen and max(seen) <= 4 and 3 in seen
