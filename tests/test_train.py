@@ -433,15 +433,3 @@ def test_tokentune_all_tokens_is_the_ordinary_step(params):
     np.testing.assert_allclose(tt_loss, plain_loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(tt), jax.tree.leaves(plain)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-
-
-def test_finetune_on_a_mesh_matches_single_device(params):
-    """mesh=: batches are placed split over the mesh's first axis; the result is the same."""
-    from jax.sharding import Mesh
-
-    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
-    options = dict(config=CFG, steps=2, learning_rate=1e-2)
-    plain = train.finetune(params, SELECTION, DATA, **options)
-    sharded = train.finetune(params, SELECTION, DATA, mesh=mesh, **options)
-    for (_, a), (_, b) in zip(deltas.leaves(sharded.delta), deltas.leaves(plain.delta)):
-        np.testing.assert_allclose(a.w_f, b.w_f, rtol=1e-6, atol=1e-8)
