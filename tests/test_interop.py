@@ -389,7 +389,7 @@ def test_wrong_model_type(tmp_path):
     with pytest.raises(ValueError) as err:
         sj.interop.load_hf(tmp_path)
     msg = _error_message(err)
-    assert "'mistral'" in msg and "supported: llama" in msg
+    assert "model_type='mistral'" in msg and "'llama'" in msg
 
 
 @pytest.mark.parametrize("change,named", [
@@ -623,3 +623,104 @@ def test_save_over_a_file_is_refused(tmp_path):
         sj.interop.save_hf(tmp_path / "taken", cfg, params)
     assert (tmp_path / "taken").read_text() == "not a folder"
     assert sorted(os.listdir(tmp_path)) == ["src", "taken"]
+
+
+# --------------------------------------------------------------------------- config.json schema
+
+hf_config = sj.interop.config
+BASE_CONFIG = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_every_key_of_transformers_llama_config_is_read_or_ignored():
+    """transformers' own defaults: each key is one we read, check or pass over on purpose,
+    and the config they describe is the one transformers builds."""
+    from transformers import LlamaConfig
+
+    theirs = LlamaConfig()
+    hf = theirs.to_dict()
+    known = (set(hf_config.FIELDS) | set(hf_config.ROPE_KEYS) | set(hf_config.MUST_EQUAL)
+             | hf_config.IGNORED)
+    assert [k for k in hf if k not in known and not k.startswith("_")] == []
+    cfg = sj.interop.config_from_hf(hf)
+    for key, (field, _) in hf_config.FIELDS.items():
+        assert getattr(cfg, field) == getattr(theirs, key), key
+    assert cfg.rope_theta == theirs.rope_parameters["rope_theta"] and cfg.rope_scaling is None
+
+
+@pytest.mark.parametrize("extra", [
+    {"_name_or_path": "a/b", "_model_name_or_path": "c", "_commit_hash": "0" * 40},
+    {"transformers_version": "4.45.2", "torch_dtype": "bfloat16", "dtype": "bfloat16"},
+    {"use_cache": False, "architectures": ["LlamaForCausalLM"], "initializer_range": 0.01},
+    {"unk_token_id": 0, "sep_token_id": None, "decoder_start_token_id": None},
+    {"temperature": 0.6, "top_p": 0.9, "max_length": 4096, "do_sample": True},
+    {"pretraining_tp": 2, "attention_dropout": 0.1},
+    {"use_sliding_window": False, "sliding_window": 4096},
+    {"sliding_window": None, "quantization_config": None, "rope_scaling": None},
+], ids=lambda d: ",".join(d))
+def test_metadata_keys_pass(extra):
+    assert sj.interop.config_from_hf({**BASE_CONFIG, **extra}) == sj.interop.config_from_hf(BASE_CONFIG)
+
+
+@pytest.mark.parametrize("change,named", [
+    (dict(model_type="mistral"), "model_type"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(sliding_window=4096), "sliding_window"),
+    (dict(use_sliding_window=True, sliding_window=4096), "sliding_window"),
+    (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}),
+     "quantization_config"),
+    (dict(auto_map={"AutoModelForCausalLM": "modeling.MyLlama"}), "auto_map"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "yarn"),
+    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "dynamic"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                           "partial_rotary_factor": 0.5}), "partial_rotary_factor"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "beta_fast": 32}), "beta_fast"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
+    (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_unsupported_feature_is_refused_naming_the_key(change, named):
+    with pytest.raises(ValueError) as err:
+        sj.interop.config_from_hf({**BASE_CONFIG, **change}, source="x/config.json")
+    msg = _error_message(err)
+    assert named in msg and msg.startswith("x/config.json: ")
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("legacy,current", [
+    (dict(rope_theta=5e5, rope_scaling=LLAMA3_ROPE),
+     dict(rope_parameters={**LLAMA3_ROPE, "rope_theta": 5e5})),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}),
+     dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})),
+    (dict(rope_theta=2e4), dict(rope_parameters={"rope_type": "default", "rope_theta": 2e4})),
+], ids=["llama3", "linear", "default"])
+def test_rope_from_both_generations_of_transformers(legacy, current):
+    from transformers import LlamaConfig
+
+    ours = sj.interop.config_from_hf({**BASE_CONFIG, **legacy})
+    assert ours == sj.interop.config_from_hf({**BASE_CONFIG, **current})
+    # and transformers reads the legacy form as the same rope
+    theirs = LlamaConfig(**BASE_CONFIG | legacy, max_position_embeddings=128).rope_parameters
+    assert ours.rope_theta == theirs["rope_theta"]
+    assert (ours.rope_scaling.rope_type if ours.rope_scaling else "default") == theirs["rope_type"]
+
+
+@pytest.mark.parametrize("change", [
+    dict(), dict(rope_parameters={**LLAMA3_ROPE, "rope_theta": 5e5}),
+    dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), dict(tie_word_embeddings=True),
+    dict(attention_bias=True, mlp_bias=True, head_dim=12), dict(eos_token_id=[2, 5], bos_token_id=1),
+], ids=["plain", "llama3", "linear", "tied", "bias-head-dim", "eos-list"])
+def test_exported_config_reads_the_same_in_transformers(change):
+    """config_to_hf -> transformers -> config_from_hf gives the config back, and the
+    legacy keys (rope_scaling, top-level rope_theta) say what rope_parameters says."""
+    from transformers import LlamaConfig
+
+    cfg = sj.interop.config_from_hf({**BASE_CONFIG, "max_position_embeddings": 128, **change})
+    written = sj.interop.config_to_hf(cfg)
+    theirs = LlamaConfig.from_dict(json.loads(json.dumps(written)))
+    assert sj.interop.config_from_hf(theirs.to_dict()) == cfg
+    legacy = {k: v for k, v in written.items() if k != "rope_parameters"}
+    assert sj.interop.config_from_hf(legacy) == cfg
+    assert LlamaConfig.from_dict(legacy).rope_parameters == theirs.rope_parameters
