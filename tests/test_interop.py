@@ -724,3 +724,95 @@ def test_exported_config_reads_the_same_in_transformers(change):
     legacy = {k: v for k, v in written.items() if k != "rope_parameters"}
     assert sj.interop.config_from_hf(legacy) == cfg
     assert LlamaConfig.from_dict(legacy).rope_parameters == theirs.rope_parameters
+
+
+# --------------------------------------------------------------------------- GGUF in
+
+
+def _llama_cpp_permute(w, heads):
+    """llama.cpp's q/k row order: each head's two rotary halves interleaved."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(path, model=None, arch="llama", extra_tensors=()):
+    """A float32 GGUF of `model` (a transformers Llama) as llama.cpp lays it out."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    if model is not None:
+        c = model.config
+        writer.add_block_count(c.num_hidden_layers)
+        writer.add_context_length(c.max_position_embeddings)
+        writer.add_embedding_length(c.hidden_size)
+        writer.add_feed_forward_length(c.intermediate_size)
+        writer.add_head_count(c.num_attention_heads)
+        writer.add_head_count_kv(c.num_key_value_heads)
+        writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+        writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+        writer.add_vocab_size(c.vocab_size)
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+        heads = {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}
+        for name, tensor in model.state_dict().items():
+            if name == "lm_head.weight" and c.tie_word_embeddings:
+                continue
+            module, kind = name.rsplit(".", 1)
+            array = tensor.numpy()
+            if module.rsplit(".", 1)[-1] in heads:
+                array = _llama_cpp_permute(array, heads[module.rsplit(".", 1)[-1]])
+            writer.add_tensor(f"{names.get_name(module)}.{kind}", array)
+    for name, array in extra_tensors:
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa", "mqa", "tied"])
+def test_load_gguf_equals_transformers_gguf_loader(variant, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import VARIANTS
+
+    model = make_hf_model(tmp_path / "hf", **VARIANTS[variant])
+    file = _write_gguf(tmp_path / "model.gguf", model)
+    cfg, params = sj.interop.load_gguf(file)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=file.name)
+    hf = theirs.config.to_dict()
+    assert hf.pop("quantization_config")["quant_method"] == "gguf"  # dequantized on load
+    assert cfg == sj.interop.config_from_hf(hf)
+    original = model.state_dict()
+    for name, (path, layer) in sj.interop.hf_names(cfg).items():
+        leaf = dict(leaf_paths(params))[path]
+        ours = np.asarray(leaf if layer is None else leaf[layer])
+        _assert_bit_identical(ours, theirs.state_dict()[name].numpy(), name)
+        _assert_bit_identical(ours, original[name].numpy(), name)
+
+
+def test_gguf_of_another_architecture_is_refused(tmp_path):
+    file = _write_gguf(tmp_path / "qwen.gguf", arch="qwen2")
+    with pytest.raises(ValueError) as err:
+        sj.interop.load_gguf(file)
+    msg = _error_message(err)
+    assert str(file) in msg and "'qwen2'" in msg
+    from spsft_jax import cli
+
+    assert cli.main(["convert", str(file), str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_gguf_rope_frequency_factors_are_refused(tmp_path):
+    model = make_hf_model(tmp_path / "hf")
+    file = _write_gguf(tmp_path / "model.gguf", model,
+                       extra_tensors=[("rope_freqs.weight", np.ones(4, np.float32))])
+    with pytest.raises(ValueError) as err:
+        sj.interop.load_gguf(file)
+    assert "rope_freqs.weight" in _error_message(err)
+
+
+def test_not_a_gguf_file_is_refused(tmp_path):
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(ValueError) as err:
+        sj.interop.load_gguf(tmp_path / "junk.gguf")
+    assert "junk.gguf" in _error_message(err)
