@@ -7,12 +7,15 @@
 
 The config and the tokenizer are read by transformers (`gguf_file=`), so they are
 exactly what `from_pretrained(folder, gguf_file=name)` sees; the config then goes
-through our own reader, which refuses what we do not implement. Tensors are
+through our own reader, which refuses what we do not implement. One addition:
+Llama 3.1/3.2 RoPE scaling, which llama.cpp stores as a tensor that transformers
+passes over (it would compute other logits than the original model). Tensors are
 dequantized one at a time into the stacked buffers (`hf.assemble`), named through
 gguf's own tensor-name map. Needs the `gguf` package, and transformers with torch.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -25,8 +28,11 @@ from spsft_jax.interop.config import config_from_hf, config_to_hf
 from spsft_jax.interop.hf import _np_dtype, assemble, hf_names, save_hf
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-# llama.cpp's per-frequency RoPE factors (Llama 3.1+ scaling), which transformers does not read.
+# llama.cpp keeps Llama 3.1+ RoPE scaling only as per-frequency divisors in this tensor
+# (transformers' GGUF loader ignores it); we recognise the settings Meta released.
 ROPE_FACTORS = "rope_freqs.weight"
+KNOWN_LLAMA3_ROPE = tuple(llama.RopeScaling("llama3", factor, 1.0, 4.0, 8192)
+                          for factor in (8.0, 32.0))  # Llama 3.1, Llama 3.2
 
 
 def _gguf():
@@ -91,6 +97,21 @@ def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def _rope_scaling(path: Path, reader, cfg: llama.LlamaConfig) -> llama.LlamaConfig:
+    """`cfg` with the llama3 RoPE scaling whose divisors the GGUF stores, if it stores any."""
+    tensor = next((t for t in reader.tensors if t.name == ROPE_FACTORS), None)
+    if tensor is None:
+        return cfg
+    divisors = np.asarray(tensor.data, np.float32)
+    plain = llama.rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
+    for scaling in KNOWN_LLAMA3_ROPE:
+        scaled = llama.rope_inv_freq(dataclasses.replace(cfg, rope_scaling=scaling))
+        if divisors.shape == plain.shape and np.allclose(plain / scaled, divisors, rtol=1e-4):
+            return dataclasses.replace(cfg, rope_scaling=scaling)
+    raise ValueError(f"{path}: tensor {ROPE_FACTORS} holds RoPE frequency factors of no known "
+                     "Llama 3 setting (factor 8 or 32, low/high 1/4, original context 8192)")
+
+
 def _tensors(path: Path, reader, cfg: llama.LlamaConfig) -> Iterator[tuple[Path, str, np.ndarray]]:
     """(file, HF name, float32 array) for every tensor of the GGUF."""
     gguf = _gguf()
@@ -102,8 +123,7 @@ def _tensors(path: Path, reader, cfg: llama.LlamaConfig) -> Iterator[tuple[Path,
     heads = {"self_attn.q_proj.weight": cfg.num_heads, "self_attn.k_proj.weight": cfg.num_kv_heads}
     for tensor in reader.tensors:
         if tensor.name == ROPE_FACTORS:
-            raise ValueError(f"{path}: tensor {ROPE_FACTORS} (llama.cpp's RoPE frequency factors, "
-                             "Llama 3.1+ scaling) is not supported")
+            continue  # read into the config by `_rope_scaling`
         name = hf_of.get(tensor.name, tensor.name)
         weight = gguf.dequantize(tensor.data, tensor.tensor_type)
         permuted = next((h for suffix, h in heads.items() if name.endswith(suffix)), None)
@@ -117,7 +137,7 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[llama.LlamaConfig, l
     as transformers dequantizes.
     """
     path, reader = _open(path)
-    cfg = config_from_hf(hf_config(path), source=str(path))
+    cfg = _rope_scaling(path, reader, config_from_hf(hf_config(path), source=str(path)))
     target = _np_dtype(dtype) if dtype is not None else np.dtype(np.float32)
     return cfg, assemble(cfg, _tensors(path, reader, cfg), target, origin=path)
 

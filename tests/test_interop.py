@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -802,10 +803,41 @@ def test_gguf_of_another_architecture_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_gguf_rope_frequency_factors_are_refused(tmp_path):
+def _llama_cpp_rope_factors(head_dim, theta, factor, low, high, original):
+    """The divisors llama.cpp writes as rope_freqs.weight for llama3 RoPE scaling."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    out = np.where(wavelen < original / high, 1.0,
+                   np.where(wavelen > original / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    return out.astype(np.float32)
+
+
+def test_gguf_llama3_rope_factors_become_rope_scaling(tmp_path):
+    """llama.cpp keeps Llama 3.2's RoPE scaling only as a tensor: the loaded model
+    computes the original's logits (transformers' GGUF loader would drop the scaling)."""
+    rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    model = make_hf_model(tmp_path / "hf", rope_theta=5e5, rope_scaling=rope,
+                          max_position_embeddings=131072)
+    factors = _llama_cpp_rope_factors(8, 5e5, 32.0, 1.0, 4.0, 8192)
+    assert factors.min() == 1.0 and factors.max() == 32.0  # all three bands present
+    file = _write_gguf(tmp_path / "model.gguf", model, extra_tensors=[("rope_freqs.weight", factors)])
+    cfg, params = sj.interop.load_gguf(file)
+    assert cfg.rope_scaling == sj.llama.RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+    ids = _ids(batch=1, seq=100)  # long enough for the low frequencies to turn
+    ours = sj.llama.forward(cfg, params, ids)
+    from conftest import rel_max_err
+
+    assert rel_max_err(ours, hf_logits(model, ids)) <= 1e-5
+    unscaled = sj.llama.forward(dataclasses.replace(cfg, rope_scaling=None), params, ids)
+    assert rel_max_err(unscaled, hf_logits(model, ids)) > 5e-5  # the scaling shows, 5x the bar
+
+
+def test_gguf_unknown_rope_factors_are_refused(tmp_path):
     model = make_hf_model(tmp_path / "hf")
     file = _write_gguf(tmp_path / "model.gguf", model,
-                       extra_tensors=[("rope_freqs.weight", np.ones(4, np.float32))])
+                       extra_tensors=[("rope_freqs.weight", np.full(4, 2.0, np.float32))])
     with pytest.raises(ValueError) as err:
         sj.interop.load_gguf(file)
     assert "rope_freqs.weight" in _error_message(err)
