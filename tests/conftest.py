@@ -119,7 +119,9 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_converted(smollm2_gguf, tmp_path_factory):
-    """The same SmolLM2 folder made once per session by our own converter."""
-    import spsft_jax as sj
+    """The same SmolLM2 folder made once per session by our own converter (`spsft-jax convert`)."""
+    from spsft_jax import cli
 
-    return sj.interop.convert_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2-ours") / "model")
+    folder = tmp_path_factory.mktemp("smollm2-ours") / "model"
+    assert cli.main(["convert", smollm2_gguf, str(folder)]) == 0
+    return folder

