@@ -215,7 +215,7 @@ def assemble(cfg: llama.LlamaConfig, named, target, *, origin) -> llama.Params:
         if tensor.shape != tuple(want):
             raise ValueError(
                 f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                f"config.json implies {tuple(want)}"
+                f"its config implies {tuple(want)}"
             )
         dest = buffers[leaf_path] if layer is None else buffers[leaf_path][layer]
         dest[...] = tensor.astype(target, copy=False)
