@@ -28,6 +28,7 @@ from safetensors.numpy import save_file
 
 from spsft_jax import llama
 from spsft_jax.atomic import atomic_dir
+from spsft_jax.interop.config import config_to_hf, read_config
 from spsft_jax.trees import leaf_paths, nest
 
 # Our top-level entry -> HF key prefix; "{i}" marks leaves stacked over layers.
@@ -188,41 +189,42 @@ def load_hf(path: str | os.PathLike, dtype=None) -> tuple[llama.LlamaConfig, lla
     (with `weights_only=True`: pickles holding anything but tensors are refused).
     """
     folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: missing; an HF model folder needs config.json")
-    cfg = llama.LlamaConfig.from_json_file(config_file)
+    cfg = read_config(folder / "config.json")
     files = _weight_files(folder)
     target = _np_dtype(dtype) if dtype is not None else _checkpoint_dtype(files)
+    named = ((file, name, tensor) for file in files for name, tensor in _read_tensors(file))
+    return cfg, assemble(cfg, named, target, origin=folder)
 
+
+def assemble(cfg: llama.LlamaConfig, named, target, *, origin) -> llama.Params:
+    """The parameter pytree from `(file, HF name, array)` triples, each copied (as `target`)
+    into its slot of a preallocated stacked buffer; every tensor must be there once."""
     expected = hf_names(cfg)
     shapes = {p: leaf.shape for p, leaf in leaf_paths(llama.param_shapes(cfg))}
     buffers = {p: np.empty(shape, target) for p, shape in shapes.items()}
     seen: set[str] = set()
-    for file in files:
-        for name, tensor in _read_tensors(file):
-            if name not in expected:
-                if IGNORED_TENSORS.fullmatch(name) or (
-                    name == "lm_head.weight" and cfg.tie_word_embeddings
-                ):
-                    continue
-                raise ValueError(f"{file}: unexpected tensor {name!r} for this config")
-            leaf_path, layer = expected[name]
-            want = shapes[leaf_path][1:] if layer is not None else shapes[leaf_path]
-            if tensor.shape != tuple(want):
-                raise ValueError(
-                    f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"config.json implies {tuple(want)}"
-                )
-            dest = buffers[leaf_path] if layer is None else buffers[leaf_path][layer]
-            dest[...] = tensor.astype(target, copy=False)
-            seen.add(name)
+    for file, name, tensor in named:
+        if name not in expected:
+            if IGNORED_TENSORS.fullmatch(name) or (
+                name == "lm_head.weight" and cfg.tie_word_embeddings
+            ):
+                continue
+            raise ValueError(f"{file}: unexpected tensor {name!r} for this config")
+        leaf_path, layer = expected[name]
+        want = shapes[leaf_path][1:] if layer is not None else shapes[leaf_path]
+        if tensor.shape != tuple(want):
+            raise ValueError(
+                f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"its config implies {tuple(want)}"
+            )
+        dest = buffers[leaf_path] if layer is None else buffers[leaf_path][layer]
+        dest[...] = tensor.astype(target, copy=False)
+        seen.add(name)
     missing = sorted(set(expected) - seen, key=_natural_key)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"{folder}: missing tensor(s) {shown}")
-    params = nest({p: _to_device(buffers, p) for p in list(buffers)})
-    return cfg, params
+        raise ValueError(f"{origin}: missing tensor(s) {shown}")
+    return nest({p: _to_device(buffers, p) for p in list(buffers)})
 
 
 def _to_device(buffers: dict, path) -> jax.Array:
@@ -311,7 +313,7 @@ def save_hf(
         Path(cfg.source_dir) if cfg.source_dir else None
     )
     with atomic_dir(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(dtype_name), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype_name), indent=2) + "\n")
         if len(shards) == 1:
             save_file(_host_tensors(shards[0], where, leaves, target), tmp / "model.safetensors",
                       metadata={"format": "pt"})

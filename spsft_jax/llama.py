@@ -26,9 +26,7 @@ trainable delta; the model does not know which method is training.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -57,7 +55,10 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Architecture of a Llama model; hashable, so it can be a static jit argument."""
+    """Architecture of a Llama model; hashable, so it can be a static jit argument.
+
+    Reading and writing HF `config.json` lives in `spsft_jax.interop.config`.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -120,154 +121,6 @@ class LlamaConfig:
             per_layer += 2 * self.intermediate_size + self.hidden_size
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embeddings + self.hidden_size
-
-    # ---- HF config.json <-> LlamaConfig
-
-    @classmethod
-    def from_hf(cls, hf: Mapping[str, Any], *, source: str = "config.json") -> "LlamaConfig":
-        """Build from an HF `config.json` dict; raise on anything we would compute differently."""
-        model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"{source}: model_type {model_type!r} is not supported; supported: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        for key, allowed in _MUST_EQUAL.items():
-            if key in hf and hf[key] not in allowed:
-                raise ValueError(
-                    f"{source}: unsupported config attribute {key}={hf[key]!r} "
-                    f"(supported: {', '.join(map(repr, allowed))})"
-                )
-        unknown = sorted(k for k in set(hf) - _MODEL_KEYS - _IGNORED_KEYS - set(_MUST_EQUAL)
-                         if not k.startswith("_"))  # "_name_or_path" and such: bookkeeping
-        if unknown:
-            raise ValueError(f"{source}: unsupported config attribute(s): {', '.join(unknown)}")
-        try:
-            heads = int(hf["num_attention_heads"])
-            hidden = int(hf["hidden_size"])
-            theta, scaling = _rope_from_hf(hf, source)
-            eos = hf.get("eos_token_id")
-            return cls(
-                vocab_size=int(hf["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(hf["intermediate_size"]),
-                num_layers=int(hf["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-                head_dim=int(hf.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
-                rope_scaling=scaling,
-                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=bool(hf.get("attention_bias", False)),
-                mlp_bias=bool(hf.get("mlp_bias", False)),
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-                pad_token_id=hf.get("pad_token_id"),
-            )
-        except KeyError as missing:
-            raise ValueError(f"{source}: required attribute {missing.args[0]!r} is missing") from None
-
-    def to_hf(self, dtype: str = "float32") -> dict[str, Any]:
-        """The `config.json` dict that `transformers` loads as this architecture."""
-        rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
-        if self.rope_scaling is not None:
-            rope.update(dataclasses.asdict(self.rope_scaling))
-            if self.rope_scaling.rope_type == "linear":
-                for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-                    rope.pop(key)
-        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_parameters": rope,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": self.attention_bias,
-            "mlp_bias": self.mlp_bias,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": eos,
-            "pad_token_id": self.pad_token_id,
-            "torch_dtype": dtype,
-            "dtype": dtype,
-        }
-
-    @classmethod
-    def from_json_file(cls, path) -> "LlamaConfig":
-        with open(path) as f:
-            try:
-                hf = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
-        cfg = cls.from_hf(hf, source=str(path))
-        return dataclasses.replace(cfg, source_dir=os.path.dirname(os.path.abspath(path)))
-
-
-SUPPORTED_MODEL_TYPES = ("llama",)
-_MODEL_KEYS = {
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
-    "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
-    "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id",
-}
-# Attributes that only matter to training tricks, generation or bookkeeping in transformers.
-_IGNORED_KEYS = {
-    "architectures", "transformers_version", "torch_dtype", "dtype", "initializer_range",
-    "use_cache", "attention_dropout", "_name_or_path", "output_hidden_states", "output_attentions",
-    "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id",
-    "problem_type", "tokenizer_class", "prefix", "sep_token_id", "unk_token_id", "decoder_start_token_id",
-    "task_specific_params", "finetuning_task", "tf_legacy_loss", "use_bfloat16",
-    "torchscript", "pruned_heads", "tie_encoder_decoder", "add_cross_attention",
-    "cross_attention_hidden_size", "is_decoder", "_attn_implementation_autoset",
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "temperature",
-    "top_k", "top_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
-    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate",
-    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-    "num_beam_groups", "diversity_penalty", "typical_p", "encoder_no_repeat_ngram_size",
-    "pretraining_tp",  # transformers' Llama no longer reads it
-}
-_MUST_EQUAL = {"hidden_act": ("silu",)}
-_ROPE_KEYS = {
-    "rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
-    "original_max_position_embeddings",
-}
-
-
-def _rope_from_hf(hf: Mapping[str, Any], source: str) -> tuple[float, RopeScaling | None]:
-    rope = dict(hf.get("rope_parameters") or {})
-    rope.update(hf.get("rope_scaling") or {})
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    unknown = sorted(set(rope) - _ROPE_KEYS)
-    if unknown:
-        raise ValueError(f"{source}: unsupported rope attribute(s): {', '.join(unknown)}")
-    if rope_type == "default":
-        return theta, None
-    if rope_type == "linear":
-        return theta, RopeScaling("linear", float(rope["factor"]))
-    if rope_type == "llama3":
-        return theta, RopeScaling(
-            "llama3",
-            float(rope["factor"]),
-            float(rope["low_freq_factor"]),
-            float(rope["high_freq_factor"]),
-            int(rope["original_max_position_embeddings"]),
-        )
-    raise ValueError(
-        f"{source}: unsupported rope_type {rope_type!r} (supported: 'default', 'linear', 'llama3')"
-    )
 
 
 # --------------------------------------------------------------------------- parameters

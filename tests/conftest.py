@@ -115,3 +115,13 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory):
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(source, gguf_file=name).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(smollm2_gguf, tmp_path_factory):
+    """The same SmolLM2 folder made once per session by our own converter (`spsft-jax convert`)."""
+    from spsft_jax import cli
+
+    folder = tmp_path_factory.mktemp("smollm2-ours") / "model"
+    assert cli.main(["convert", smollm2_gguf, str(folder)]) == 0
+    return folder

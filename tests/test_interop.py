@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -389,7 +390,7 @@ def test_wrong_model_type(tmp_path):
     with pytest.raises(ValueError) as err:
         sj.interop.load_hf(tmp_path)
     msg = _error_message(err)
-    assert "'mistral'" in msg and "supported: llama" in msg
+    assert "model_type='mistral'" in msg and "'llama'" in msg
 
 
 @pytest.mark.parametrize("change,named", [
@@ -623,3 +624,233 @@ def test_save_over_a_file_is_refused(tmp_path):
         sj.interop.save_hf(tmp_path / "taken", cfg, params)
     assert (tmp_path / "taken").read_text() == "not a folder"
     assert sorted(os.listdir(tmp_path)) == ["src", "taken"]
+
+
+# --------------------------------------------------------------------------- config.json schema
+
+hf_config = sj.interop.config
+BASE_CONFIG = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_every_key_of_transformers_llama_config_is_read_or_ignored():
+    """transformers' own defaults: each key is one we read, check or pass over on purpose,
+    and the config they describe is the one transformers builds."""
+    from transformers import LlamaConfig
+
+    theirs = LlamaConfig()
+    hf = theirs.to_dict()
+    known = (set(hf_config.FIELDS) | set(hf_config.ROPE_KEYS) | set(hf_config.MUST_EQUAL)
+             | hf_config.IGNORED)
+    assert [k for k in hf if k not in known and not k.startswith("_")] == []
+    cfg = sj.interop.config_from_hf(hf)
+    for key, (field, _) in hf_config.FIELDS.items():
+        assert getattr(cfg, field) == getattr(theirs, key), key
+    assert cfg.rope_theta == theirs.rope_parameters["rope_theta"] and cfg.rope_scaling is None
+
+
+@pytest.mark.parametrize("extra", [
+    {"_name_or_path": "a/b", "_model_name_or_path": "c", "_commit_hash": "0" * 40},
+    {"transformers_version": "4.45.2", "torch_dtype": "bfloat16", "dtype": "bfloat16"},
+    {"use_cache": False, "architectures": ["LlamaForCausalLM"], "initializer_range": 0.01},
+    {"unk_token_id": 0, "sep_token_id": None, "decoder_start_token_id": None},
+    {"temperature": 0.6, "top_p": 0.9, "max_length": 4096, "do_sample": True},
+    {"pretraining_tp": 2, "attention_dropout": 0.1},
+    {"use_sliding_window": False, "sliding_window": 4096},
+    {"sliding_window": None, "quantization_config": None, "rope_scaling": None},
+], ids=lambda d: ",".join(d))
+def test_metadata_keys_pass(extra):
+    assert sj.interop.config_from_hf({**BASE_CONFIG, **extra}) == sj.interop.config_from_hf(BASE_CONFIG)
+
+
+@pytest.mark.parametrize("change,named", [
+    (dict(model_type="mistral"), "model_type"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(sliding_window=4096), "sliding_window"),
+    (dict(use_sliding_window=True, sliding_window=4096), "sliding_window"),
+    (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}),
+     "quantization_config"),
+    (dict(auto_map={"AutoModelForCausalLM": "modeling.MyLlama"}), "auto_map"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "yarn"),
+    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "dynamic"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                           "partial_rotary_factor": 0.5}), "partial_rotary_factor"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "beta_fast": 32}), "beta_fast"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
+    (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_unsupported_feature_is_refused_naming_the_key(change, named):
+    with pytest.raises(ValueError) as err:
+        sj.interop.config_from_hf({**BASE_CONFIG, **change}, source="x/config.json")
+    msg = _error_message(err)
+    assert named in msg and msg.startswith("x/config.json: ")
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("legacy,current", [
+    (dict(rope_theta=5e5, rope_scaling=LLAMA3_ROPE),
+     dict(rope_parameters={**LLAMA3_ROPE, "rope_theta": 5e5})),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}),
+     dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})),
+    (dict(rope_theta=2e4), dict(rope_parameters={"rope_type": "default", "rope_theta": 2e4})),
+], ids=["llama3", "linear", "default"])
+def test_rope_from_both_generations_of_transformers(legacy, current):
+    from transformers import LlamaConfig
+
+    ours = sj.interop.config_from_hf({**BASE_CONFIG, **legacy})
+    assert ours == sj.interop.config_from_hf({**BASE_CONFIG, **current})
+    # and transformers reads the legacy form as the same rope
+    theirs = LlamaConfig(**BASE_CONFIG | legacy, max_position_embeddings=128).rope_parameters
+    assert ours.rope_theta == theirs["rope_theta"]
+    assert (ours.rope_scaling.rope_type if ours.rope_scaling else "default") == theirs["rope_type"]
+
+
+@pytest.mark.parametrize("change", [
+    dict(), dict(rope_parameters={**LLAMA3_ROPE, "rope_theta": 5e5}),
+    dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), dict(tie_word_embeddings=True),
+    dict(attention_bias=True, mlp_bias=True, head_dim=12), dict(eos_token_id=[2, 5], bos_token_id=1),
+], ids=["plain", "llama3", "linear", "tied", "bias-head-dim", "eos-list"])
+def test_exported_config_reads_the_same_in_transformers(change):
+    """config_to_hf -> transformers -> config_from_hf gives the config back, and the
+    legacy keys (rope_scaling, top-level rope_theta) say what rope_parameters says."""
+    from transformers import LlamaConfig
+
+    cfg = sj.interop.config_from_hf({**BASE_CONFIG, "max_position_embeddings": 128, **change})
+    written = sj.interop.config_to_hf(cfg)
+    theirs = LlamaConfig.from_dict(json.loads(json.dumps(written)))
+    assert sj.interop.config_from_hf(theirs.to_dict()) == cfg
+    legacy = {k: v for k, v in written.items() if k != "rope_parameters"}
+    assert sj.interop.config_from_hf(legacy) == cfg
+    assert LlamaConfig.from_dict(legacy).rope_parameters == theirs.rope_parameters
+
+
+# --------------------------------------------------------------------------- GGUF in
+
+
+def _llama_cpp_permute(w, heads):
+    """llama.cpp's q/k row order: each head's two rotary halves interleaved."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(path, model=None, arch="llama", extra_tensors=()):
+    """A float32 GGUF of `model` (a transformers Llama) as llama.cpp lays it out."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    if model is not None:
+        c = model.config
+        writer.add_block_count(c.num_hidden_layers)
+        writer.add_context_length(c.max_position_embeddings)
+        writer.add_embedding_length(c.hidden_size)
+        writer.add_feed_forward_length(c.intermediate_size)
+        writer.add_head_count(c.num_attention_heads)
+        writer.add_head_count_kv(c.num_key_value_heads)
+        writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+        writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+        writer.add_vocab_size(c.vocab_size)
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+        heads = {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}
+        for name, tensor in model.state_dict().items():
+            if name == "lm_head.weight" and c.tie_word_embeddings:
+                continue
+            module, kind = name.rsplit(".", 1)
+            array = tensor.numpy()
+            if module.rsplit(".", 1)[-1] in heads:
+                array = _llama_cpp_permute(array, heads[module.rsplit(".", 1)[-1]])
+            writer.add_tensor(f"{names.get_name(module)}.{kind}", array)
+    for name, array in extra_tensors:
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa", "mqa", "tied"])
+def test_load_gguf_equals_transformers_gguf_loader(variant, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import VARIANTS
+
+    model = make_hf_model(tmp_path / "hf", **VARIANTS[variant])
+    file = _write_gguf(tmp_path / "model.gguf", model)
+    cfg, params = sj.interop.load_gguf(file)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=file.name)
+    hf = theirs.config.to_dict()
+    assert hf.pop("quantization_config")["quant_method"] == "gguf"  # dequantized on load
+    assert cfg == sj.interop.config_from_hf(hf)
+    original = model.state_dict()
+    for name, (path, layer) in sj.interop.hf_names(cfg).items():
+        leaf = dict(leaf_paths(params))[path]
+        ours = np.asarray(leaf if layer is None else leaf[layer])
+        _assert_bit_identical(ours, theirs.state_dict()[name].numpy(), name)
+        _assert_bit_identical(ours, original[name].numpy(), name)
+
+
+def test_gguf_of_another_architecture_is_refused(tmp_path):
+    file = _write_gguf(tmp_path / "qwen.gguf", arch="qwen2")
+    with pytest.raises(ValueError) as err:
+        sj.interop.load_gguf(file)
+    msg = _error_message(err)
+    assert str(file) in msg and "'qwen2'" in msg
+    from spsft_jax import cli
+
+    assert cli.main(["convert", str(file), str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def _llama_cpp_rope_factors(head_dim, theta, factor, low, high, original):
+    """The divisors llama.cpp writes as rope_freqs.weight for llama3 RoPE scaling."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    out = np.where(wavelen < original / high, 1.0,
+                   np.where(wavelen > original / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    return out.astype(np.float32)
+
+
+def test_gguf_llama3_rope_factors_become_rope_scaling(tmp_path):
+    """llama.cpp keeps Llama 3.2's RoPE scaling only as a tensor: the loaded model
+    computes the original's logits (transformers' GGUF loader would drop the scaling)."""
+    rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    model = make_hf_model(tmp_path / "hf", rope_theta=5e5, rope_scaling=rope,
+                          max_position_embeddings=131072)
+    factors = _llama_cpp_rope_factors(8, 5e5, 32.0, 1.0, 4.0, 8192)
+    assert factors.min() == 1.0 and factors.max() == 32.0  # all three bands present
+    file = _write_gguf(tmp_path / "model.gguf", model, extra_tensors=[("rope_freqs.weight", factors)])
+    cfg, params = sj.interop.load_gguf(file)
+    assert cfg.rope_scaling == sj.llama.RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+    ids = _ids(batch=1, seq=100)  # long enough for the low frequencies to turn
+    ours = sj.llama.forward(cfg, params, ids)
+    from conftest import rel_max_err
+
+    assert rel_max_err(ours, hf_logits(model, ids)) <= 1e-5
+    unscaled = sj.llama.forward(dataclasses.replace(cfg, rope_scaling=None), params, ids)
+    assert rel_max_err(unscaled, hf_logits(model, ids)) > 5e-5  # the scaling shows, 5x the bar
+
+
+def test_gguf_unknown_rope_factors_are_refused(tmp_path):
+    model = make_hf_model(tmp_path / "hf")
+    file = _write_gguf(tmp_path / "model.gguf", model,
+                       extra_tensors=[("rope_freqs.weight", np.full(4, 2.0, np.float32))])
+    with pytest.raises(ValueError) as err:
+        sj.interop.load_gguf(file)
+    assert "rope_freqs.weight" in _error_message(err)
+
+
+def test_not_a_gguf_file_is_refused(tmp_path):
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(ValueError) as err:
+        sj.interop.load_gguf(tmp_path / "junk.gguf")
+    assert "junk.gguf" in _error_message(err)
+
+
+def test_package_without_one_gguf_is_refused():
+    with pytest.raises(ValueError, match="found 0") as err:
+        sj.interop.gguf_file.package_gguf("pytest")
+    assert "pytest" in _error_message(err)

