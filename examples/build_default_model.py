@@ -26,12 +26,15 @@ ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits + " :
 
 
 def build_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + list(ALPHABET))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
+    # The tokenizer frames text with BOS itself, as Llama tokenizers do.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
     return tok
 
 
@@ -90,7 +93,11 @@ def main() -> None:
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     params = sj.llama.init_params(cfg, jax.random.key(0))
-    examples = sd.encode(pretrain_text(rng, 4000), tok, max_length=32)
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                     pad_token="<pad>", unk_token="<unk>")
+    examples = sd.encode(pretrain_text(rng, 4000), hf_tok, max_length=32).examples
     batches = sd.batches(examples, batch_size=32, seq_len=32, pad_id=0, seed=0)
     result = sj.finetune(params, None, batches, config=cfg, method="dense", steps=args.steps,
                          learning_rate=3e-3, warmup=0.05, schedule="cosine", progress=True)
