@@ -223,12 +223,16 @@ def encode_chat(tokenizer, messages: list[dict], where: str = "conversation") ->
     return ids, labels
 
 
+def alpaca_messages(record: dict) -> list[dict]:
+    """An Alpaca record as a user turn (instruction, then input) and an assistant turn."""
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
 def encode_record(record: dict, format: str, tokenizer, tokens: SpecialTokens, where: str = "record") -> Example:
     """(input_ids, labels) of one record of the given format."""
     if format == "alpaca" and tokenizer.chat_template:
-        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        format, record = "chat", {"messages": [{"role": "user", "content": user},
-                                               {"role": "assistant", "content": record["output"]}]}
+        format, record = "chat", {"messages": alpaca_messages(record)}
     if format == "chat":
         require_chat_template(tokenizer, where)
         return encode_chat(tokenizer, record["messages"], where)
@@ -374,20 +378,6 @@ def packed_batch(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int) -
     return batch
 
 
-def _length_sorted_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int,
-                           rng: np.random.Generator | None, window: int = 32) -> list[np.ndarray]:
-    """Batches of similar length: sort each window of `window` batches by length, then
-    shuffle the batches (little padding, the same randomness across epochs)."""
-    out = []
-    for start in range(0, len(order), batch_size * window):
-        chunk = order[start:start + batch_size * window]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        out += [chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
-    if rng is not None:
-        out = [out[i] for i in rng.permutation(len(out))]
-    return out
-
-
 def batches(
     examples: Sequence[Example],
     *,
@@ -401,8 +391,8 @@ def batches(
     """Endless shuffled batches, a new order each epoch.
 
     seq_len: pad every batch to this length (one shape); by default each batch is padded
-    to the `bucket_length` of its longest example, and examples of similar length are
-    batched together. pack: several examples per row (segment ids keep them apart), rows
+    to the `bucket_length` of its longest example (a few shapes, each compiled once;
+    batches stay random draws, not grouped by length). pack: several examples per row (segment ids keep them apart), rows
     of `seq_len` (default: `max_len`, else the longest example's bucket).
     """
     if not examples:
@@ -418,8 +408,7 @@ def batches(
                 yield packed_batch([rows[i] for i in order[start:start + batch_size]], row_len, pad_id)
     while True:
         order = rng.permutation(len(examples)) if rng is not None else np.arange(len(examples))
-        groups = (_length_sorted_batches(order, lengths, batch_size, rng) if seq_len is None
-                  else [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)])
+        groups = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
         if len(order) < batch_size:
             groups = [order]
         for group in groups:
@@ -435,3 +424,19 @@ def eval_batches(examples: Sequence[Example], *, batch_size: int, pad_id: int = 
     groups = [[examples[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
     return [pad_batch(g + [([], [])] * (batch_size - len(g)),
                       bucket_length(max(len(x) for x, _ in g), max_len), pad_id) for g in groups]
+
+
+def prompts_and_references(records: Iterable[dict], format: str, tokenizer) -> list[tuple[list[int], str]]:
+    """(prompt ids, reference text) of each record that has a reply to compare against:
+    the prompt as training renders it, up to where the reply starts (text records have none)."""
+    pairs = []
+    for record in records:
+        if format == "chat" or (format == "alpaca" and tokenizer.chat_template):
+            messages = alpaca_messages(record) if format == "alpaca" else record["messages"]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            pairs.append((chat_prompt(tokenizer, messages[:last]), messages[last]["content"]))
+        elif format in ("alpaca", "prompt"):
+            ids, labels = encode_record(record, format, tokenizer, SpecialTokens(None, 0, ()))
+            start = next((i for i, y in enumerate(labels) if y != IGNORE), len(ids))
+            pairs.append((ids[:start], record["output"] if format == "alpaca" else record["response"]))
+    return pairs

@@ -104,12 +104,12 @@ def test_generate_with_adapter(run, model, capsys):
     # (The default 16 new tokens: the decoding compiled for the evaluation above is reused.)
     assert cli.main(["generate", "--adapter", str(adapter), "--prompt", PROMPT]) == 0
     lines = capsys.readouterr().out.splitlines()
-    # The same greedy continuation computed here directly.
+    # The same greedy continuation computed here directly: BOS and EOS from the tokenizer files.
     tokenizer = data.load_tokenizer(MODEL)
-    prompt = [tokenizer.token_to_id("<s>")] + tokenizer.encode(PROMPT, add_special_tokens=False).ids
+    prompt = [tokenizer.convert_tokens_to_ids("<s>")] + tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     new = generate.greedy(cfg, params, [prompt], max_new_tokens=16,
                           delta=checkpoint.load_delta(adapter)[0],
-                          eos_token_id=tokenizer.token_to_id("</s>"))[0]
+                          eos_token_id=tokenizer.convert_tokens_to_ids("</s>"))[0]
     assert lines == [PROMPT + tokenizer.decode(new)]
 
 
@@ -118,7 +118,7 @@ def test_generate_with_adapter(run, model, capsys):
 
 def _bad_jsonl(tmp_path, line):
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"prompt": "a", "response": "b"}\n{"text": "c d"}\n' + line + "\n")
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n' + line + "\n")
     return path
 
 
