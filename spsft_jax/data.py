@@ -278,12 +278,13 @@ def encode(
     truncate: str = "right",
     tokens: SpecialTokens | None = None,
 ) -> Encoded:
-    """Encode records (or `(where, record)` pairs); cut examples longer than `max_length`
-    and count them, or with `truncate="error"` refuse, naming the record."""
+    """Encode records (or `(where, record)` pairs), each in `format` or in the format it
+    has; cut examples longer than `max_length` and count them, or with `truncate="error"`
+    refuse, naming the record."""
     if truncate not in ("right", "error"):
         raise ValueError(f"truncate={truncate!r}: choose 'right' or 'error'")
     tokens = tokens or special_tokens(tokenizer)
-    examples, longest, truncated = [], 0, 0
+    examples, formats, longest, truncated = [], [], 0, 0
     for index, item in enumerate(records, 1):
         where, record = item if isinstance(item, tuple) else (f"record {index}", item)
         fmt = format or detect_format(record)
@@ -291,7 +292,7 @@ def encode(
             raise ValueError(f"{where}: a record in none of the formats: expected {EXPECTED}; "
                              f"got fields {sorted(record)}")
         check_record(record, fmt, where)
-        format = format or fmt
+        formats.append(fmt)
         ids, labels = encode_record(record, fmt, tokenizer, tokens, where)
         longest = max(longest, len(ids))
         if len(ids) > max_length:
@@ -302,7 +303,7 @@ def encode(
         examples.append((ids, labels))
     if not examples:
         raise ValueError("no records to encode")
-    return Encoded(examples, format, longest, truncated, max_length)
+    return Encoded(examples, format or formats[0], longest, truncated, max_length)
 
 
 def load(
