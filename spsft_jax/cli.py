@@ -46,8 +46,12 @@ DEFAULT_LR = {"spsft": 2e-4, "lora": 2e-4, "dense": 2e-5, "head": 1e-4}
 def _job_defaults(args) -> None:
     """Options left unset come from the model folder's `job.json` (the embedded model's
     task and settings), then from defaults for real checkpoints."""
+    if getattr(args, "steps", None) is not None and getattr(args, "epochs", None) is not None:
+        raise ValueError("--steps and --epochs: give one of them")
     job_file = Path(args.model) / "job.json"
     job = json.loads(job_file.read_text()) if job_file.is_file() else {}
+    if getattr(args, "epochs", None) is not None:
+        job.pop("steps", None)  # the user counts in epochs
     for key, value in job.items():
         if getattr(args, key, "") is None:
             setattr(args, key, str(Path(args.model) / value) if key in ("data", "eval") else value)
@@ -60,8 +64,6 @@ def _job_defaults(args) -> None:
     args.batch_size = args.batch_size or 8
     if getattr(args, "max_new_tokens", "") is None:
         args.max_new_tokens = 32
-    if getattr(args, "steps", None) is not None and getattr(args, "epochs", None) is not None:
-        raise ValueError("--steps and --epochs: give one of them")
 
 
 def _tokens(args, tokenizer):
@@ -81,13 +83,20 @@ def _examples(args, path, tokenizer, cfg):
                      truncate=args.truncate, tokens=_tokens(args, tokenizer))
 
 
-def _batches(args, encoded, pad_id, seed=0, pack=False):
-    """Bucketed batches; one fixed length when accumulating (accumulated batches share a shape)."""
+def _fixed_len(args, encoded, pack=False) -> int | None:
+    """--seq-len, else one length when packing or accumulating (accumulated batches share
+    a shape), else None: each batch padded to its own bucket."""
     from spsft_jax import data
 
-    seq_len = args.seq_len or (data.bucket_length(encoded.seq_len, encoded.max_len)
-                               if args.grad_accum > 1 or pack else None)
-    return data.batches(encoded.examples, batch_size=args.batch_size, seq_len=seq_len,
+    if args.seq_len or args.grad_accum > 1 or pack:
+        return args.seq_len or data.bucket_length(encoded.seq_len, encoded.max_len)
+    return None
+
+
+def _batches(args, encoded, pad_id, seed=0, pack=False):
+    from spsft_jax import data
+
+    return data.batches(encoded.examples, batch_size=args.batch_size, seq_len=_fixed_len(args, encoded, pack),
                         max_len=encoded.max_len, pad_id=pad_id, seed=seed, pack=pack)
 
 
@@ -134,9 +143,13 @@ def _steps(args, encoded) -> int:
     """--steps, or --epochs (default 1) passes over the training examples."""
     import math
 
+    from spsft_jax import data
+
     if args.steps is not None:
         return args.steps
-    per_epoch = max(len(encoded.examples) // args.batch_size, 1)
+    rows = (data.pack_examples(encoded.examples, _fixed_len(args, encoded, True)) if args.pack
+            else encoded.examples)
+    per_epoch = max(len(rows) // args.batch_size, 1)
     return max(1, math.ceil((args.epochs or 1) * per_epoch / args.grad_accum))
 
 

@@ -193,3 +193,30 @@ def test_select_writes_a_selection(tmp_path, capsys):
     chosen, meta = selection_lib.load(out)
     rows = chosen["layers"]["mlp"]["up_proj"]["rows"]
     assert rows.shape[1] == 3 and meta["metric"] == "magnitude"
+
+
+# --------------------------------------------------------------------------- data options
+
+
+def test_finetune_epochs_pack_and_summary_line(tmp_path, capsys):
+    """--epochs counts packed rows; the summary line before training names the model,
+    the trainable parameters and the compiled step's memory."""
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--epochs", "0.5", "--pack", "--seq-len", "64", "--max-len", "64",
+                     "--eval", "", "--quiet", "--method", "lora", "--rank", "2", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    enc = data.load(MODEL / "train.jsonl", data.load_tokenizer(MODEL), max_len=64)
+    rows = data.pack_examples(enc.examples, 64)
+    assert len(rows) < len(enc.examples)  # two short examples share a row
+    steps = math.ceil(0.5 * (len(rows) // 16))
+    summary = json.loads((out / "history.json").read_text())
+    assert summary["steps"] == steps and summary["history"][-1]["loss"] < summary["history"][0]["loss"]
+    first = lines[0]
+    assert str(MODEL) in first and f"lora: {summary['trainable_params']:,} trainable" in first
+    assert "step memory" in first and "MiB" in first and f"{steps} steps" in first
+
+
+def test_generate_chat_without_template_exits_2(capsys):
+    assert cli.main(["generate", "--chat", "--prompt", PROMPT]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no chat template" in err[0] and str(MODEL) in err[0], err
