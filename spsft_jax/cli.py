@@ -4,7 +4,10 @@
     spsft-jax finetune --model DIR --data train.jsonl --rank 16 --out runs/x
     spsft-jax select   --model DIR --data train.jsonl --rank 16 --out selection.safetensors
     spsft-jax export   --model DIR --adapter runs/x/adapter.safetensors --out merged/ [--format peft]
+    spsft-jax finetune --model DIR --data chat.jsonl --epochs 2 [--format chat] [--max-len 1024]
+                       [--truncate error] [--pack]    chat, alpaca, prompt/response or text records
     spsft-jax generate --model DIR [--adapter FILE] --prompt "reverse: abc -> "
+    spsft-jax generate --model DIR --chat --prompt "Hello!" [--temperature 0.7 --top-p 0.9 --seed 1]
     spsft-jax bench    [--setting small|llama2-7b|llama3-8b] [--json]
     spsft-jax plan     --model DIR [--rank 8]     trainable parameters and compiled memory
 
@@ -39,8 +42,10 @@ def _load(args):
 
 
 # Learning rates that suit pretrained checkpoints, per method (the embedded model's job
-# sets its own): SPSFT and LoRA train few parameters from zero, dense moves all of them.
-DEFAULT_LR = {"spsft": 2e-4, "lora": 2e-4, "dense": 2e-5, "head": 1e-4}
+# sets its own). SPSFT on SmolLM2-135M-Instruct, 24 steps of 8 chat examples
+# (examples/chat_finetune.py): held-out loss 3.23 -> 2.08 at 2e-4, -> 1.68 at 1e-3.
+# LoRA and dense follow common practice (dense moves every weight, so it gets the least).
+DEFAULT_LR = {"spsft": 1e-3, "lora": 2e-4, "dense": 2e-5, "head": 1e-4}
 
 
 def _job_defaults(args) -> None:
@@ -88,7 +93,7 @@ def _fixed_len(args, encoded, pack=False) -> int | None:
     a shape), else None: each batch padded to its own bucket."""
     from spsft_jax import data
 
-    if args.seq_len or args.grad_accum > 1 or pack:
+    if args.seq_len or getattr(args, "grad_accum", 1) > 1 or pack:
         return args.seq_len or data.bucket_length(encoded.seq_len, encoded.max_len)
     return None
 

@@ -326,14 +326,15 @@ def load(
 
 
 def bucket_length(n: int, max_len: int | None = None) -> int:
-    """The padded length for `n` tokens: 16, 32, 64, then multiples of 64 (few shapes to
-    compile, little padding), capped at `max_len`."""
-    size = 16
-    while size < min(n, 64):
-        size *= 2
-    if n > 64:
-        size = -(-n // 64) * 64
-    return size if max_len is None else min(size, max(max_len, n))
+    """The padded length for `n` tokens: the smallest of 16, 32, 64, 96, 128, 192, 256,
+    384, ... (powers of two and 1.5 times them) that holds it, capped at `max_len`. A
+    dozen shapes reach 2048, so few compile, and padding stays under a third."""
+    power = 16
+    while True:
+        for size in (power, power * 3 // 2) if power >= 64 else (power,):
+            if size >= n:
+                return size if max_len is None else min(size, max(max_len, n))
+        power *= 2
 
 
 def pad_batch(examples: Sequence[Example], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:

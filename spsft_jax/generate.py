@@ -175,6 +175,8 @@ def complete(
     `data.SpecialTokens` giving stop and padding ids (default: the tokenizer's)."""
     from spsft_jax import data
 
+    if not texts:
+        return []
     tokens = tokens or data.special_tokens(tokenizer)
     prompts = [data.chat_prompt(tokenizer, t) if chat else list(tokenizer(t)["input_ids"]) for t in texts]
     outputs = generate(cfg, params, prompts, stop_ids=tokens.stop, pad_id=tokens.pad, **options)

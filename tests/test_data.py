@@ -102,13 +102,13 @@ def test_truncation_counted_or_refused(tiny_tok):
 
 
 def test_batches_use_few_bucketed_shapes():
-    assert [data.bucket_length(n) for n in (1, 16, 17, 33, 64, 65, 129)] == [16, 16, 32, 64, 64, 128, 192]
+    assert [data.bucket_length(n) for n in (1, 16, 17, 33, 64, 65, 97, 129, 1025)] == [16, 16, 32, 64, 64, 96, 128, 192, 1536]
     assert data.bucket_length(80, max_len=90) == 90
     rng = np.random.default_rng(0)
     examples = [([1] * n, [1] * n) for n in rng.integers(1, 150, 64)]
     stream = data.batches(examples, batch_size=4, seed=0)
     shapes = {next(stream)["input_ids"].shape for _ in range(64)}
-    assert {t for _, t in shapes} <= {16, 32, 64, 128, 192} and len(shapes) <= 5
+    assert {t for _, t in shapes} <= {16, 32, 64, 96, 128, 192} and len(shapes) <= 6
 
 
 # --------------------------------------------------------------------------- packing
@@ -196,3 +196,13 @@ def test_bad_records_exit_2_naming_file_and_line(tmp_path, capsys, case):
     assert len(err) == 1 and err[0].startswith("spsft-jax finetune: error:"), err
     assert str(path) in err[0] and message in err[0], err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_data_and_generation_need_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, spsft_jax as sj; t = sj.data.load_tokenizer(sys.argv[1]); "
+            "sj.data.load(sys.argv[1] + '/train.jsonl', t); assert 'torch' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code, str(TINY)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
