@@ -32,22 +32,28 @@ def _hf_greedy(model, prompt, max_new_tokens):
 
 def test_cached_logits_equal_forward(tiny):
     """Prefill part of a left-padded batch, then one token at a time: every step's logits
-    equal the full forward pass's at that position."""
+    equal the full forward pass's at that position (with a trained-looking delta)."""
+    from spsft_jax import delta as deltas
+
     _, cfg, params = tiny
+    rows = {"layers": {"mlp": {"up_proj": {"rows": np.tile(np.array([1, 5, 9], np.int32), (cfg.num_layers, 1))}}}}
+    delta = deltas.rows_from_selection(params, rows)
+    delta = jax.tree.map(lambda x: x + 0.05 if x.dtype == jnp.float32 else x, delta)
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.vocab_size, (2, 12)).astype(np.int32)
     mask = np.ones_like(ids)
     mask[1, :4] = 0  # the second row is left-padded
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    ref = np.asarray(llama.forward(cfg, params, ids, mask, position_ids=positions))
+    ref = np.asarray(llama.forward(cfg, params, ids, mask, delta, position_ids=positions))
+    assert rel_max_err(ref, llama.forward(cfg, params, ids, mask, position_ids=positions)) > 1e-3
 
     cache = generate.init_cache(cfg, 2, 12)
     valid = jnp.asarray(mask, bool)
-    h, cache = generate.extend(cfg, params, cache, ids[:, :7], positions[:, :7], 0, valid)
-    got = [llama.head(cfg, params, h)]
+    h, cache = generate.extend(cfg, params, cache, ids[:, :7], positions[:, :7], 0, valid, delta)
+    got = [llama.head(cfg, params, h, delta)]
     for t in range(7, 12):
-        h, cache = generate.extend(cfg, params, cache, ids[:, t:t + 1], positions[:, t:t + 1], t, valid)
-        got.append(llama.head(cfg, params, h))
+        h, cache = generate.extend(cfg, params, cache, ids[:, t:t + 1], positions[:, t:t + 1], t, valid, delta)
+        got.append(llama.head(cfg, params, h, delta))
     got = np.concatenate([np.asarray(g) for g in got], axis=1)
     real = mask.astype(bool)
     assert rel_max_err(got[real], ref[real]) < 1e-5
