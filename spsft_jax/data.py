@@ -357,7 +357,8 @@ def pack_examples(examples: Sequence[Example], seq_len: int) -> list[list[Exampl
         n = min(len(examples[i][0]), seq_len)
         row = next((r for r, free in enumerate(room) if free >= n), None)
         if row is None:
-            rows.append([]), room.append(seq_len)
+            rows.append([])
+            room.append(seq_len)
             row = len(rows) - 1
         rows[row].append(examples[i])
         room[row] -= n
@@ -393,9 +394,10 @@ def batches(
     """Endless shuffled batches, a new order each epoch.
 
     seq_len: pad every batch to this length (one shape); by default each batch is padded
-    to the `bucket_length` of its longest example (a few shapes, each compiled once;
-    batches stay random draws, not grouped by length). pack: several examples per row (segment ids keep them apart), rows
-    of `seq_len` (default: `max_len`, else the longest example's bucket).
+        to the `bucket_length` of its longest example (a few shapes, each compiled once;
+        batches stay random draws, not grouped by length).
+    pack: several examples per row (segment ids keep them apart), rows of `seq_len`
+        (default: `max_len`, else the longest example's bucket).
     """
     if not examples:
         raise ValueError("no examples to batch")
