@@ -19,7 +19,7 @@ model = default_asset()
 
 cfg, params = sj.interop.load_hf(model, dtype=jnp.float32)
 tokenizer = sj.data.load_tokenizer(model)
-examples = sj.data.encode(sj.data.read_jsonl(model / "train.jsonl"), tokenizer, max_length=32)
+examples = sj.data.encode(sj.data.read_jsonl(model / "train.jsonl"), tokenizer, max_length=32).examples
 batches = [sj.data.pad_batch(examples[i:i + 16], 32, pad_id=0) for i in range(0, 256, 16)]
 
 scores = sj.importance.taylor(cfg, params, batches, targets="all-linear")

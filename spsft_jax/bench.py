@@ -247,3 +247,26 @@ def plan(cfg: llama.LlamaConfig, *, rank: int, seq_len: int, batch_size: int, re
     else:
         print(table(rows))
     return rows
+
+
+def step_memory(cfg: llama.LlamaConfig, params, selection, *, batch_shape: tuple[int, int],
+                method: str = "spsft", targets="all-linear", rank: int = 8, remat=None,
+                tokentune=None, tune_norms: bool = False, grad_accum: int = 1) -> tuple[int, int]:
+    """(compiled memory bytes of one training step, trainable parameters) for the run
+    `finetune` would make with these options, from shapes only (nothing is allocated)."""
+    tc = train.TrainConfig(steps=1, remat=remat, tokentune=tokentune, grad_accum=grad_accum)
+    optimizer = train.make_optimizer(tc)
+
+    def state(p):
+        trainable, frozen = train.prepare(p, selection, method=method, targets=targets, rank=rank,
+                                          tune_norms=tune_norms)
+        trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
+        return trainable, optimizer.init(trainable), frozen
+
+    trainable, opt_state, frozen = jax.eval_shape(state, params)
+    n = sum(x.size for x in jax.tree.leaves(trainable))
+    batch = {k: jax.ShapeDtypeStruct((grad_accum,) + tuple(batch_shape), jnp.int32)
+             for k in ("input_ids", "attention_mask", "labels")}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    lowered = train.make_train_step(cfg, tc, optimizer).lower(trainable, opt_state, frozen, batch, key)
+    return memory(lowered.compile())[0], n

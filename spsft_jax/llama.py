@@ -321,10 +321,24 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
 
 
 def attention_mask_2d(
-    q_positions: jax.Array, kv_positions: jax.Array, kv_valid: jax.Array
+    q_index: jax.Array, kv_index: jax.Array, kv_valid: jax.Array, *,
+    q_segments: jax.Array | None = None, kv_segments: jax.Array | None = None,
 ) -> jax.Array:
-    """Causal mask over original positions combined with key padding: `[B, Tq, Tk]` bool."""
-    return (kv_positions[:, None, :] <= q_positions[:, :, None]) & kv_valid[:, None, :]
+    """`[B, Tq, Tk]` bool: causal over the tokens' indices in the sequence (not their
+    rotary positions, which restart in packed rows), key padding, and with segment ids
+    (packed examples) a query sees only keys of its own segment."""
+    allowed = (kv_index[:, None, :] <= q_index[:, :, None]) & kv_valid[:, None, :]
+    if q_segments is not None:
+        allowed &= q_segments[:, :, None] == kv_segments[:, None, :]
+    return allowed
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 where the segment id changes along a row: `[B, T]`."""
+    index = default_positions(segment_ids)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
 # --------------------------------------------------------------------------- decoder layer
@@ -435,14 +449,19 @@ def hidden_states(
     delta=None,
     *,
     position_ids: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
     remat: str | Callable | bool | None = None,
 ) -> jax.Array:
     """Embeddings through all decoder layers (scanned), before the final norm."""
-    positions = default_positions(input_ids) if position_ids is None else position_ids
+    index = default_positions(input_ids)
+    if position_ids is not None:
+        positions = position_ids
+    else:
+        positions = index if segment_ids is None else segment_positions(segment_ids)
     valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
     h = embed(params, input_ids, delta)
     cos, sin = rope_tables(cfg, positions, h.dtype)
-    allowed = attention_mask_2d(positions, positions, valid)
+    allowed = attention_mask_2d(index, index, valid, q_segments=segment_ids, kv_segments=segment_ids)
 
     def body(h, layer_and_delta):
         layer, layer_delta = layer_and_delta
@@ -460,13 +479,17 @@ def forward(
     delta=None,
     *,
     position_ids: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
     remat: str | Callable | bool | None = None,
 ) -> jax.Array:
     """Logits `[B, T, vocab]` for `input_ids [B, T]`.
 
     attention_mask: `[B, T]`, 1 for real tokens, 0 for padding (left or right).
     delta: optional trainable delta pytree (see module docstring).
-    position_ids: `[B, T]`; default 0..T-1 per row, as transformers.
+    position_ids: `[B, T]`; default 0..T-1 per row, as transformers (restarting per
+        segment when `segment_ids` are given).
+    segment_ids: `[B, T]` int, for rows that pack several examples: attention stays
+        inside each run of equal ids, so each example's logits are as if it were alone.
     remat: None, "full", "dots" or a `jax.checkpoint` policy for the layer body.
 
     >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
@@ -476,5 +499,5 @@ def forward(
     (1, 5, 32)
     """
     h = hidden_states(cfg, params, input_ids, attention_mask, delta,
-                      position_ids=position_ids, remat=remat)
+                      position_ids=position_ids, segment_ids=segment_ids, remat=remat)
     return head(cfg, params, h, delta)

@@ -233,11 +233,11 @@ def split_hidden_states(
     pos_sel, pos_rest = _take(positions, sel_idx), _take(positions, rest_idx)
     cos_sel, sin_sel = llama.rope_tables(cfg, pos_sel, h_sel.dtype)
     cos_rest, sin_rest = llama.rope_tables(cfg, pos_rest, h_sel.dtype)
-    # Keys are laid out [selected, rest]; the mask compares original positions, so no reorder.
-    kv_positions = jnp.concatenate([pos_sel, pos_rest], axis=1)
+    # Keys are laid out [selected, rest]; the mask compares original token indices, so no reorder.
+    kv_index = jnp.concatenate([sel_idx, rest_idx], axis=1)
     kv_valid = jnp.concatenate([_take(valid, sel_idx), _take(valid, rest_idx)], axis=1)
-    allowed_sel = llama.attention_mask_2d(pos_sel, kv_positions, kv_valid)
-    allowed_rest = llama.attention_mask_2d(pos_rest, kv_positions, kv_valid)
+    allowed_sel = llama.attention_mask_2d(sel_idx, kv_index, kv_valid)
+    allowed_rest = llama.attention_mask_2d(rest_idx, kv_index, kv_valid)
 
     def body(carry, layer_and_delta):
         h_sel, h_rest = carry

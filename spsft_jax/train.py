@@ -202,12 +202,15 @@ def trained_delta(params: llama.Params, trainable: dict, frozen: dict) -> Any:
 def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, key) -> tuple[jax.Array, jax.Array]:
     """(summed token loss, number of loss tokens) for one micro-batch."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    segments = batch.get("segment_ids")  # packed rows: attention stays inside each example
     if tc.tokentune is None:
-        h = llama.hidden_states(cfg, params, ids, mask, delta, remat=tc.remat)
+        h = llama.hidden_states(cfg, params, ids, mask, delta, segment_ids=segments, remat=tc.remat)
         return chunked_causal_lm_loss(lambda x: llama.head(cfg, params, x, delta), h, labels,
                                       cfg.chunk_tokens)
     from spsft_jax import tokentune
 
+    if segments is not None:
+        raise NotImplementedError("tokentune with packed batches (segment_ids) is not supported")
     k = tokentune.num_selected(ids.shape[1], tc.tokentune)
     indices, valid = tokentune.select_tokens(key, mask, k, prefer=tokentune.loss_bearing(labels))
     if tc.tokentune_loss == "selected":
@@ -274,8 +277,11 @@ def normalize_batch(batch: Mapping[str, Any], index: int = 0) -> dict[str, np.nd
     for name, value in (("attention_mask", mask), ("labels", labels)):
         if value.shape != ids.shape:
             raise ValueError(f"batch {index}: {name} has shape {value.shape}, input_ids {ids.shape}")
-    return {"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
-            "labels": labels.astype(np.int32)}
+    normal = {"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
+              "labels": labels.astype(np.int32)}
+    if "segment_ids" in batch:
+        normal["segment_ids"] = np.asarray(batch["segment_ids"]).astype(np.int32)
+    return normal
 
 
 def _batches(data: Iterable, steps: int, grad_accum: int, skip: int = 0):

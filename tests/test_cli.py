@@ -104,12 +104,12 @@ def test_generate_with_adapter(run, model, capsys):
     # (The default 16 new tokens: the decoding compiled for the evaluation above is reused.)
     assert cli.main(["generate", "--adapter", str(adapter), "--prompt", PROMPT]) == 0
     lines = capsys.readouterr().out.splitlines()
-    # The same greedy continuation computed here directly.
+    # The same greedy continuation computed here directly: BOS and EOS from the tokenizer files.
     tokenizer = data.load_tokenizer(MODEL)
-    prompt = [tokenizer.token_to_id("<s>")] + tokenizer.encode(PROMPT, add_special_tokens=False).ids
+    prompt = [tokenizer.convert_tokens_to_ids("<s>")] + tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     new = generate.greedy(cfg, params, [prompt], max_new_tokens=16,
                           delta=checkpoint.load_delta(adapter)[0],
-                          eos_token_id=tokenizer.token_to_id("</s>"))[0]
+                          eos_token_id=tokenizer.convert_tokens_to_ids("</s>"))[0]
     assert lines == [PROMPT + tokenizer.decode(new)]
 
 
@@ -118,7 +118,7 @@ def test_generate_with_adapter(run, model, capsys):
 
 def _bad_jsonl(tmp_path, line):
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"prompt": "a", "response": "b"}\n{"text": "c d"}\n' + line + "\n")
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n' + line + "\n")
     return path
 
 
@@ -193,3 +193,30 @@ def test_select_writes_a_selection(tmp_path, capsys):
     chosen, meta = selection_lib.load(out)
     rows = chosen["layers"]["mlp"]["up_proj"]["rows"]
     assert rows.shape[1] == 3 and meta["metric"] == "magnitude"
+
+
+# --------------------------------------------------------------------------- data options
+
+
+def test_finetune_epochs_pack_and_summary_line(tmp_path, capsys):
+    """--epochs counts packed rows; the summary line before training names the model,
+    the trainable parameters and the compiled step's memory."""
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--epochs", "0.5", "--pack", "--seq-len", "64", "--max-len", "64",
+                     "--eval", "", "--quiet", "--method", "lora", "--rank", "2", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    enc = data.load(MODEL / "train.jsonl", data.load_tokenizer(MODEL), max_len=64)
+    rows = data.pack_examples(enc.examples, 64)
+    assert len(rows) < len(enc.examples)  # two short examples share a row
+    steps = math.ceil(0.5 * (len(rows) // 16))
+    summary = json.loads((out / "history.json").read_text())
+    assert summary["steps"] == steps and summary["history"][-1]["loss"] < summary["history"][0]["loss"]
+    first = lines[0]
+    assert str(MODEL) in first and f"lora: {summary['trainable_params']:,} trainable" in first
+    assert "step memory" in first and "MiB" in first and f"{steps} steps" in first
+
+
+def test_generate_chat_without_template_exits_2(capsys):
+    assert cli.main(["generate", "--chat", "--prompt", PROMPT]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no chat template" in err[0] and str(MODEL) in err[0], err

@@ -1,0 +1,58 @@
+"""Held-out loss, perplexity, and exact match of generations against references.
+
+    held_out_loss(cfg, params, batches, delta=delta)
+      -> {"loss": mean nats per loss token, "perplexity": exp(loss), "tokens": count}
+    exact_match(cfg, params, tokenizer, [(prompt ids, reference text)], delta=delta)
+      -> {"exact_match": fraction, "outputs": [generated text, ...]}
+
+Parameters, deltas and batches are arguments of the jitted functions, never constants
+folded into them: one compilation per batch shape serves any weights.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+
+from spsft_jax import generate, llama, losses
+
+
+@partial(jax.jit, static_argnames="cfg")
+def batch_loss(cfg: llama.LlamaConfig, params: llama.Params, delta: Any, batch: Mapping[str, jax.Array]):
+    """(summed loss, loss tokens) of one batch."""
+    logits = llama.forward(cfg, params, batch["input_ids"], batch["attention_mask"], delta,
+                           segment_ids=batch.get("segment_ids"))
+    return losses.causal_lm_loss(logits, batch["labels"])
+
+
+def held_out_loss(cfg: llama.LlamaConfig, params: llama.Params, batches: Iterable[Mapping[str, Any]],
+                  *, delta: Any = None) -> dict[str, float]:
+    """Mean token loss over all batches (weighted by loss tokens) and its perplexity."""
+    total = count = 0.0
+    for batch in batches:
+        s, n = batch_loss(cfg, params, delta, dict(batch))
+        total, count = total + float(s), count + float(n)
+    if count == 0:
+        raise ValueError("held-out data has no loss tokens")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
+
+
+def exact_match(cfg: llama.LlamaConfig, params: llama.Params, tokenizer,
+                pairs: Sequence[tuple[list[int], str]], *, delta: Any = None, tokens=None,
+                max_new_tokens: int = 32, batch_size: int = 16) -> dict[str, Any]:
+    """Greedy generations for each prompt, and the fraction equal to its reference
+    (compared with surrounding whitespace stripped)."""
+    from spsft_jax import data
+
+    tokens = tokens or data.special_tokens(tokenizer)
+    outputs = []
+    for start in range(0, len(pairs), batch_size):
+        prompts = [p for p, _ in pairs[start:start + batch_size]]
+        new = generate.generate(cfg, params, prompts, max_new_tokens=max_new_tokens, delta=delta,
+                                stop_ids=tokens.stop, pad_id=tokens.pad)
+        outputs += [tokenizer.decode(o, skip_special_tokens=True) for o in new]
+    hits = sum(o.strip() == ref.strip() for o, (_, ref) in zip(outputs, pairs))
+    return {"exact_match": hits / max(len(pairs), 1), "outputs": outputs}
