@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from spsft_jax import llama
-from spsft_jax.atomic import atomic_dir
+from spsft_jax.outputs import output_dir
 from spsft_jax.trees import leaf_paths, nest
 
 # Our top-level entry -> HF key prefix; "{i}" marks leaves stacked over layers.

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from spsft_jax import delta as deltas
 from spsft_jax import llama
-from spsft_jax.atomic import atomic_dir
+from spsft_jax.outputs import output_dir
 
 PEFT_PREFIX = "base_model.model.model.layers.{i}."
 

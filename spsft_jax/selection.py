@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from spsft_jax import atomic
+from spsft_jax import outputs
 from spsft_jax.llama import LlamaConfig
 from spsft_jax.trees import leaf_paths, nest
 
@@ -219,6 +219,20 @@ def _d_in(cfg: LlamaConfig, path: Path) -> int:
 
 
 # --------------------------------------------------------------------------- save / load
+
+
+def digest(selection: Selection) -> str:
+    """A short fingerprint of a selection's rows and masks (what a checkpoint was made for)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for module, entry in sorted(_entries(selection), key=lambda item: item[0]):
+        h.update("/".join(module).encode())
+        for kind in ("rows", "mask"):
+            if kind in entry:
+                value = np.ascontiguousarray(entry[kind], np.int32)
+                h.update(kind.encode() + str(value.shape).encode() + value.tobytes())
+    return h.hexdigest()[:16]
 
 
 def save(
