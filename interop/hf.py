@@ -106,9 +106,14 @@ def _index_files(index: Path) -> list[Path]:
 
 
 def _read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    with safe_open(path, framework="numpy") as f:
-        for name in f.keys():
-            yield name, f.get_tensor(name)
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except SafetensorError as err:  # a truncated or corrupt file
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
 
 
 def _read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -168,11 +173,16 @@ def _checkpoint_dtype(files: list[Path]) -> np.dtype:
     float32 where that is not one we keep (float64) or there is none."""
     first = files[0]
     if first.suffix == ".safetensors":
-        with safe_open(first, framework="numpy") as f:
-            for name in f.keys():
-                dtype = f.get_slice(name).get_dtype()
-                if dtype in _ST_FLOATS:
-                    return np.dtype(_ST_FLOATS[dtype])
+        from safetensors import SafetensorError
+
+        try:
+            with safe_open(first, framework="numpy") as f:
+                for name in f.keys():
+                    dtype = f.get_slice(name).get_dtype()
+                    if dtype in _ST_FLOATS:
+                        return np.dtype(_ST_FLOATS[dtype])
+        except SafetensorError as err:
+            raise ValueError(f"{first}: not a readable safetensors file ({err})") from None
         return np.dtype(np.float32)
     for _, tensor in _read_tensors(first):
         if tensor.dtype.name in _NP_DTYPES or tensor.dtype == np.float64:
@@ -180,12 +190,14 @@ def _checkpoint_dtype(files: list[Path]) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def load_hf(path: str | os.PathLike, dtype=None) -> tuple[llama.LlamaConfig, llama.Params]:
+def load_hf(path: str | os.PathLike, dtype=None, *,
+            allow_nonfinite: bool = False) -> tuple[llama.LlamaConfig, llama.Params]:
     """Load an HF Llama checkpoint folder as `(cfg, params)`.
 
     dtype: the parameters' dtype (float32, bfloat16, float16); None keeps the checkpoint's.
     Reads `model.safetensors`, a sharded safetensors index, or `pytorch_model.bin`
     (with `weights_only=True`: pickles holding anything but tensors are refused).
+    A tensor holding NaN or Inf is refused, naming it, unless `allow_nonfinite=True`.
     """
     folder = Path(path)
     config_file = folder / "config.json"
@@ -216,6 +228,9 @@ def load_hf(path: str | os.PathLike, dtype=None) -> tuple[llama.LlamaConfig, lla
                 )
             dest = buffers[leaf_path] if layer is None else buffers[leaf_path][layer]
             dest[...] = tensor.astype(target, copy=False)
+            if not allow_nonfinite and not np.isfinite(dest).all():
+                raise ValueError(f"{file}: tensor {name!r} holds NaN or Inf values "
+                                 f"(allow_nonfinite=True / --allow-nonfinite loads it anyway)")
             seen.add(name)
     missing = sorted(set(expected) - seen, key=_natural_key)
     if missing:
@@ -281,6 +296,19 @@ def _host_tensors(shard: list[str], where, leaves, dtype) -> dict[str, np.ndarra
     return out
 
 
+# Weight files a loader might read instead of (or beside) the ones we write.
+WEIGHT_FILES = r"(model.*\.safetensors|pytorch_model.*\.bin)(\.index\.json)?"
+
+
+def _check_param_shapes(cfg: llama.LlamaConfig, params: llama.Params) -> None:
+    """Every leaf has the shape `cfg` implies (merged weights of another model are refused)."""
+    leaves = dict(leaf_paths(params))
+    for path, want in leaf_paths(llama.param_shapes(cfg)):
+        if path in leaves and tuple(leaves[path].shape) != tuple(want.shape):
+            raise ValueError(f"params: {'/'.join(path)} has shape {tuple(leaves[path].shape)}, "
+                             f"the config implies {tuple(want.shape)}")
+
+
 def save_hf(
     path: str | os.PathLike,
     cfg: llama.LlamaConfig,
@@ -289,14 +317,19 @@ def save_hf(
     max_shard_size: int | str = "5GB",
     dtype=None,
     tokenizer_from: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write an HF checkpoint folder that `transformers.AutoModelForCausalLM` loads.
 
     dtype: storage dtype; None keeps the parameters'. Tokenizer files are copied from
     `tokenizer_from`, by default the folder the config was loaded from.
     The folder is written beside `path` and renamed into place when complete;
-    shards are gathered to the host one at a time.
+    shards are gathered to the host one at a time. An existing folder that spsft-jax did
+    not write is refused unless `overwrite=True`, and even then only our files are
+    replaced (weight files of another layout left there are refused). Every parameter
+    must have the shape `cfg` gives it.
     """
+    _check_param_shapes(cfg, params)
     target = _np_dtype(dtype) if dtype is not None else None
     first = jax.tree_util.tree_leaves(params)[0]
     storage = target or _np_dtype(first.dtype)
@@ -310,7 +343,7 @@ def save_hf(
     source = Path(tokenizer_from) if tokenizer_from else (
         Path(cfg.source_dir) if cfg.source_dir else None
     )
-    with atomic_dir(path) as tmp:
+    with output_dir(path, kind="hf", overwrite=overwrite, conflicts=WEIGHT_FILES) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(dtype_name), indent=2) + "\n")
         if len(shards) == 1:
             save_file(_host_tensors(shards[0], where, leaves, target), tmp / "model.safetensors",

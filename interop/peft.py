@@ -48,8 +48,18 @@ def save_peft_adapter(
     delta: Any,
     *,
     base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write `delta` (SPSFT rows or LoRA on the decoder linears) as a PEFT LoRA adapter."""
+    """Write `delta` (SPSFT rows or LoRA on the decoder linears) as a PEFT LoRA adapter.
+
+    The delta is checked against `cfg` first (layers, shapes, rows in range): nothing is
+    dropped. overwrite: write into an existing folder spsft-jax did not write (only the
+    adapter files are replaced).
+    """
+    try:
+        deltas.validate(llama.param_shapes(cfg), delta)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"PEFT export: {err.args[0]}") from None
     shapes = cfg.linear_shapes()
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
@@ -88,7 +98,7 @@ def save_peft_adapter(
         "inference_mode": True,
         "modules_to_save": None,
     }
-    with atomic_dir(path) as tmp:
+    with output_dir(path, kind="peft", overwrite=overwrite) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(path)

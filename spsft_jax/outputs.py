@@ -1,16 +1,18 @@
 """Safe outputs: every file is written to a temporary name and renamed into place, and
 nothing we did not write is ever deleted.
 
-A folder we write holds a marker, `.spsft-jax.json`, listing the entries we put there:
+A folder we write holds a marker, `.spsft-jax.json`, listing the entries we put there
+by kind of output (a fine-tuning run, an HF checkpoint, a PEFT adapter):
 
-    {"written_by": "spsft-jax", "files": ["adapter.safetensors", "history.json", ...]}
+    {"written_by": "spsft-jax", "files": {"run": ["adapter.safetensors", "history.json"]}}
 
-Writing into an existing non-empty folder without that marker is refused unless
-`overwrite=True`; even then only the entries we write are replaced. A rerun into one of
-our folders removes the entries the previous run listed and this one does not write (a
-stale `selection.safetensors` beside a new LoRA adapter), and nothing else.
+Writing into an existing non-empty folder holding anything but our entries of the same
+kind is refused unless `overwrite=True`; even then only the entries we write are
+replaced. A rerun into one of our folders removes the entries the previous write of that
+kind listed and this one does not write (a stale `selection.safetensors` beside a new
+LoRA adapter), and nothing else.
 
-    with output_dir("runs/x", overwrite=False) as tmp:   # write into tmp
+    with output_dir("runs/x", kind="run") as tmp:        # write into tmp
         save_file(..., tmp / "adapter.safetensors")
     with output_file("sel.safetensors", "wb") as f:      # one file, temp + rename
         f.write(data)
@@ -84,21 +86,21 @@ def _creatable(final: Path, what: str) -> None:
 # --------------------------------------------------------------------------- folders
 
 
-def recorded(folder: str | os.PathLike) -> list[str] | None:
-    """The entries our marker in `folder` lists, or None when the folder is not ours."""
+def recorded(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """Kind -> the entries our marker in `folder` lists ({} when the folder is not ours)."""
     marker = Path(folder) / MARKER
     try:
         info = json.loads(marker.read_text())
     except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or info.get("written_by") != "spsft-jax":
-        return None
-    files = info.get("files")
-    return [f for f in files if isinstance(f, str) and "/" not in f and f not in ("", ".", "..")] \
-        if isinstance(files, list) else []
+        return {}
+    if not isinstance(info, dict) or info.get("written_by") != "spsft-jax" or \
+            not isinstance(info.get("files"), dict):
+        return {}
+    return {kind: [f for f in files if isinstance(f, str) and "/" not in f and f not in ("", ".", "..")]
+            for kind, files in info["files"].items() if isinstance(files, list)}
 
 
-def check_dir(path: str | os.PathLike, *, overwrite: bool = False, what: str = "output") -> Path:
+def check_dir(path: str | os.PathLike, *, kind: str, overwrite: bool = False, what: str = "output") -> Path:
     """Refuse (OutputError, one line) an output folder we cannot or must not write.
 
     Fine: a path that can be created, an empty folder, one of our folders, or any
@@ -110,7 +112,7 @@ def check_dir(path: str | os.PathLike, *, overwrite: bool = False, what: str = "
             raise OutputError(f"{what} {final}: exists and is not a folder")
         if not os.access(final, os.W_OK | os.X_OK):
             raise OutputError(f"{what} {final}: folder is not writable")
-        foreign = _foreign(final)
+        foreign = _foreign(final, kind)
         if foreign and not overwrite:
             raise OutputError(
                 f"{what} {final}: folder holds files spsft-jax did not write ({foreign[0]}"
@@ -121,15 +123,21 @@ def check_dir(path: str | os.PathLike, *, overwrite: bool = False, what: str = "
     return final
 
 
-def _foreign(folder: Path) -> list[str]:
-    ours = set(recorded(folder) or ()) | {MARKER}
+def _foreign(folder: Path, kind: str) -> list[str]:
+    """Entries of `folder` that are not ours of this kind (nor our marker or leftovers)."""
+    ours = set(recorded(folder).get(kind, ())) | {MARKER}
     leftover = re.compile(rf"\.{re.escape(folder.name)}\.\d+\..*\.(tmp|old)")
     return sorted(e.name for e in folder.iterdir()
                   if e.name not in ours and not leftover.fullmatch(e.name))
 
 
-def _write_marker(folder: Path, files: Iterable[str]) -> None:
-    text = json.dumps({"written_by": "spsft-jax", "files": sorted(set(files))}, indent=1) + "\n"
+def _write_marker(folder: Path, kind: str, files: Iterable[str]) -> None:
+    """Record `files` as this kind's entries (and no other kind's)."""
+    mine = set(files)
+    listed = {k: sorted(set(v) - mine) for k, v in recorded(folder).items() if k != kind}
+    listed = {k: v for k, v in listed.items() if v}
+    listed[kind] = sorted(mine)
+    text = json.dumps({"written_by": "spsft-jax", "files": listed}, indent=1) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(folder / MARKER), suffix=".tmp", dir=folder)
     with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -137,12 +145,13 @@ def _write_marker(folder: Path, files: Iterable[str]) -> None:
     os.replace(tmp, folder / MARKER)
 
 
-def claim_dir(path: str | os.PathLike, entries: Iterable[str], *, overwrite: bool = False) -> Path:
+def claim_dir(path: str | os.PathLike, entries: Iterable[str], *, kind: str,
+              overwrite: bool = False) -> Path:
     """Create (or check) our output folder and record `entries` as ours before we write them
     in place (a checkpoint folder written during training)."""
-    final = check_dir(path, overwrite=overwrite)
+    final = check_dir(path, kind=kind, overwrite=overwrite)
     final.mkdir(parents=True, exist_ok=True)
-    _write_marker(final, list(recorded(final) or ()) + list(entries))
+    _write_marker(final, kind, list(recorded(final).get(kind, ())) + list(entries))
     return final
 
 
@@ -157,6 +166,7 @@ def _remove(entry: Path) -> None:
 def output_dir(
     path: str | os.PathLike,
     *,
+    kind: str,
     overwrite: bool = False,
     keep: Iterable[str] = (),
     conflicts: str | None = None,
@@ -169,7 +179,7 @@ def output_dir(
     conflicts: a regular expression of names that must not remain beside the new ones
     when we did not write them (weight files of another layout); such a folder is refused.
     """
-    final = check_dir(path, overwrite=overwrite)
+    final = check_dir(path, kind=kind, overwrite=overwrite)
     existing = final.exists()
     if existing:
         _clean_leftovers(final, final.name)
@@ -185,17 +195,17 @@ def output_dir(
             os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~_umask())
         os.chmod(tmp, 0o777 & ~_umask())
         if not existing:
-            _write_marker(tmp, written)
+            _write_marker(tmp, kind, written)
             os.replace(tmp, final)
             return
-        previous = set(recorded(final) or ())
+        previous = set(recorded(final).get(kind, ()))
         if conflicts is not None:
-            for name in sorted(_foreign(final)):
+            for name in _foreign(final, kind):
                 if name not in written and re.fullmatch(conflicts, name):
                     raise OutputError(f"output {final}: {name} was not written by spsft-jax and "
                                       f"would be left beside the new files; choose another folder")
         # Record the union first, so an interruption never leaves an entry of ours unlisted.
-        _write_marker(final, previous | set(written) | set(keep))
+        _write_marker(final, kind, previous | set(written) | set(keep))
         for name in written:
             target = final / name
             if (tmp / name).is_dir() and target.is_dir():
@@ -203,7 +213,7 @@ def output_dir(
             os.replace(tmp / name, target)
         for name in sorted(previous - set(written) - set(keep)):
             _remove(final / name)
-        _write_marker(final, set(written) | {k for k in keep if (final / k).exists()})
+        _write_marker(final, kind, set(written) | {k for k in keep if (final / k).exists()})
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -216,7 +226,7 @@ def is_ours(path: str | os.PathLike) -> bool:
     """Whether a file was written by spsft-jax: listed in its folder's marker, or a
     safetensors file whose metadata says so (adapters and selections)."""
     file = Path(path)
-    if file.name in (recorded(file.parent) or ()):
+    if any(file.name in files for files in recorded(file.parent).values()):
         return True
     try:
         from safetensors import safe_open
