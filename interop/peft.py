@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 from spsft_jax import delta as deltas
 from spsft_jax import llama
 from spsft_jax.outputs import output_dir
+from spsft_jax.trees import set_nested
 
 PEFT_PREFIX = "base_model.model.model.layers.{i}."
 
@@ -56,10 +57,7 @@ def save_peft_adapter(
     dropped. overwrite: write into an existing folder spsft-jax did not write (only the
     adapter files are replaced).
     """
-    try:
-        deltas.validate(llama.param_shapes(cfg), delta)
-    except (ValueError, KeyError) as err:
-        raise ValueError(f"PEFT export: {err.args[0]}") from None
+    model_shapes = llama.param_shapes(cfg)
     shapes = cfg.linear_shapes()
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
@@ -69,6 +67,11 @@ def save_peft_adapter(
         if module_path[0] != "layers" or name not in shapes:
             raise ValueError(f"delta at {'/'.join(module_path)}: PEFT adapters here cover the "
                              "decoder layers' linear modules only")
+        if isinstance(d, deltas.LoraDelta | deltas.RowDelta) and getattr(d, "bias", None) is None:
+            try:  # layers, shapes and rows must fit the model: nothing is dropped or clipped
+                deltas.validate(model_shapes, set_nested({}, module_path, d))
+            except (ValueError, KeyError) as err:
+                raise ValueError(f"PEFT export: {err.args[0]}") from None
         a, b, alpha = _as_lora(d, shapes[name][0])
         ranks[name], alphas[name] = a.shape[-2], alpha
         block = ".".join(module_path[1:])
