@@ -159,6 +159,9 @@ def _unpickling_reason(err: BaseException) -> str:
     """The part of torch's weights_only refusal that names the offending object
     (its first line only says the file could be loaded unsafely)."""
     text = _ANSI.sub("", str(err))
+    blocked = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if blocked:  # torch names the import it refused; say which
+        return f"it imports {blocked.group(1)}, which is blocked"
     match = re.search(r"WeightsUnpickler error:\s*(.*)", text, re.DOTALL)
     return _sentence(match.group(1)) if match else _first_line(err)
 
