@@ -390,6 +390,8 @@ def _check_options(args) -> None:
         value = getattr(args, name, None)
         if value is not None and not test(value):
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be {must}")
+    if args.command == "finetune" and args.tokentune is not None and args.tokentune > 1:
+        args.tokentune = int(args.tokentune)  # a token count, as the help offers
 
 
 def _check_outputs(args) -> None:

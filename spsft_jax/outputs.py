@@ -114,10 +114,12 @@ def check_dir(path: str | os.PathLike, *, kind: str, overwrite: bool = False, wh
             raise OutputError(f"{what} {final}: folder is not writable")
         foreign = _foreign(final, kind)
         if foreign and not overwrite:
-            raise OutputError(
-                f"{what} {final}: folder holds files spsft-jax did not write ({foreign[0]}"
-                f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); choose an empty "
-                f"or new folder, or pass overwrite (--overwrite) to replace only what we write")
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            other = next((k for k, files in recorded(final).items() if foreign[0] in files), None)
+            held = (f"holds another spsft-jax output ({other}: {foreign[0]}{more})" if other else
+                    f"holds files spsft-jax did not write ({foreign[0]}{more})")
+            raise OutputError(f"{what} {final}: {held}; choose an empty or new folder, or pass "
+                              f"--overwrite (overwrite=True) to replace only the files we write")
     else:
         _creatable(final, what)
     return final
@@ -249,7 +251,7 @@ def check_file(path: str | os.PathLike, *, overwrite: bool = False, what: str = 
             raise OutputError(f"{what} {final}: its folder is not writable")
         if not overwrite and not is_ours(final):
             raise OutputError(f"{what} {final}: exists and was not written by spsft-jax; "
-                              f"pass overwrite (--overwrite) to replace it")
+                              f"pass --overwrite (overwrite=True) to replace it")
     else:
         _creatable(final, what)
     return final

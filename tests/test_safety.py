@@ -527,3 +527,23 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_inputs, tmp_p
     code, out, err = _cli(capsys, *map(fill, args))
     _assert_user_error(code, err, *map(fill, named))
     assert _tree(work) == before and _tree(bad_inputs) == inputs_before
+
+
+def test_unwritable_out_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(outputs.os, "access",
+                        lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    for args in (["finetune", "--out", locked / "run"], ["finetune", "--out", locked],
+                 ["select", "--out", locked / "sel.safetensors"]):
+        code, _, err = _cli(capsys, *args, "--model", tmp_path / "no-model-needed")
+        _assert_user_error(code, err, locked, "not writable")
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("value, parsed", [("0.25", 0.25), ("1", 1.0), ("2", 2), ("64", 64)])
+def test_tokentune_takes_a_fraction_or_a_count(value, parsed):
+    args = cli.parser().parse_args(["finetune", "--tokentune", value])
+    cli._check_options(args)
+    assert args.tokentune == parsed and type(args.tokentune) is type(parsed)
