@@ -98,7 +98,7 @@ def main() -> None:
     params = sj.merge(params, result.delta)
 
     OUT.mkdir(parents=True, exist_ok=True)
-    sj.interop.save_hf(OUT, cfg, params)
+    sj.interop.save_hf(OUT, cfg, params, overwrite=True)  # the folder also holds the task data
     tok.save(str(OUT / "tokenizer.json"))
     (OUT / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",

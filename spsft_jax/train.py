@@ -374,8 +374,7 @@ def finetune(
     if checkpoint_dir is not None:
         from spsft_jax import checkpoint
 
-        run = run_info(config, trainable, method=method, selection=selection, rank=rank,
-                       alpha=alpha, tokentune=tokentune)
+        run = run_info(config, trainable, method=method, selection=selection, rank=rank, alpha=alpha)
         restored = checkpoint.restore_state(checkpoint_dir, {"trainable": trainable, "opt_state": opt_state},
                                             run=run)
         if restored is not None:
@@ -419,7 +418,7 @@ def finetune(
 
 
 def run_info(cfg: llama.LlamaConfig, trainable: Any, *, method: str, selection: Any, rank: int,
-             alpha: float | None, tokentune: float | None) -> dict:
+             alpha: float | None) -> dict:
     """What a training state belongs to; a resume must match it field by field."""
     from spsft_jax import checkpoint
     from spsft_jax import selection as selection_lib
@@ -429,7 +428,6 @@ def run_info(cfg: llama.LlamaConfig, trainable: Any, *, method: str, selection: 
         "selection": selection_lib.digest(selection) if method == "spsft" else None,
         "rank": rank if method == "lora" else None,
         "alpha": alpha if method == "lora" else None,
-        "tokentune": tokentune,
         "model": checkpoint.architecture(cfg),
         "trainable": {jax.tree_util.keystr(k): list(v.shape)
                       for k, v in jax.tree_util.tree_leaves_with_path(trainable)},
