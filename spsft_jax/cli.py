@@ -147,6 +147,9 @@ def cmd_finetune(args) -> int:
         checkpoint_every=args.checkpoint_every or 0,
     )
     elapsed = time.perf_counter() - start
+    if not result.history:
+        raise UsageError(f"--resume: the run in {checkpoints} has done its {args.steps} steps already; "
+                         f"raise --steps to continue it")
     after = evaluate(result.delta)
 
     summary = {"method": args.method, "trainable_params": result.trainable_params,

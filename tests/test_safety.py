@@ -398,6 +398,8 @@ def test_cli_checkpoints_and_resume(tmp_path, capsys):
     assert _cli(capsys, *args, "--steps", "3", "--resume")[0] == 0
     history = json.loads((out / "history.json").read_text())["history"]
     assert [h["step"] for h in history] == [3]
+    code, _, err = _cli(capsys, *args, "--steps", "3", "--resume")
+    _assert_user_error(code, err, "has done its 3 steps")
     code, _, err = _cli(capsys, *args, "--steps", "4", "--resume", "--method", "lora")
     _assert_user_error(code, err, "method")
     code, _, err = _cli(capsys, "finetune", *FAST, "--out", tmp_path / "new", "--resume")
