@@ -45,9 +45,14 @@ def _temp_prefix(final: Path) -> str:
     return f".{final.name}.{os.getpid()}."
 
 
+def _leftover(name: str) -> re.Pattern:
+    """Our temporary entries for `name`: `.NAME.<pid>[.*].tmp|old`."""
+    return re.compile(rf"\.{re.escape(name)}\.(\d+)(\..*)?\.(tmp|old)")
+
+
 def _clean_leftovers(folder: Path, name: str) -> None:
-    """Remove `.NAME.<pid>.*.tmp|old` entries that a process no longer running left behind."""
-    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\..*\.(tmp|old)")
+    """Remove our temporary entries for `name` that a process no longer running left behind."""
+    pattern = _leftover(name)
     with contextlib.suppress(OSError):
         for entry in folder.iterdir():
             match = pattern.fullmatch(entry.name)
@@ -128,7 +133,7 @@ def check_dir(path: str | os.PathLike, *, kind: str, overwrite: bool = False, wh
 def _foreign(folder: Path, kind: str) -> list[str]:
     """Entries of `folder` that are not ours of this kind (nor our marker or leftovers)."""
     ours = set(recorded(folder).get(kind, ())) | {MARKER}
-    leftover = re.compile(rf"\.{re.escape(folder.name)}\.\d+\..*\.(tmp|old)")
+    leftover = _leftover(folder.name)
     return sorted(e.name for e in folder.iterdir()
                   if e.name not in ours and not leftover.fullmatch(e.name))
 

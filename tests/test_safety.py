@@ -135,6 +135,7 @@ def test_leftover_temps_of_dead_processes_are_cleaned(tmp_path):
     dead, live = 2**22 + 12345, os.getppid()
     (tmp_path / f".out.{dead}.x1.tmp").mkdir()
     (tmp_path / f".out.{dead}.x2.old").write_text("")
+    (tmp_path / f".out.{dead}.old").mkdir()  # what earlier versions left on a crash
     (tmp_path / f".out.{live}.x3.tmp").mkdir()  # a writer still running
     (tmp_path / ".other.1.x.tmp").mkdir()  # not ours to judge
     with outputs.output_dir(tmp_path / "out", kind="run") as tmp:
