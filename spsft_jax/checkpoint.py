@@ -63,13 +63,17 @@ def target_shapes(cfg: Any, delta: Any) -> dict[str, list[int]]:
     return {"/".join(p): _weight_shape(shapes, p) for p, _ in deltas.leaves(delta)}
 
 
-def first_difference(recorded: dict, current: dict) -> str | None:
-    """'field: recorded X, here Y' for the first key whose values differ, or None."""
+def first_difference(recorded: dict, current: dict, prefix: str = "") -> str | None:
+    """'field: made for X, this one has Y' for the first (nested) key whose values differ."""
     for key in list(recorded) + [k for k in current if k not in recorded]:
         a, b = recorded.get(key), current.get(key)
-        if a != b and not (isinstance(a, list | tuple) and isinstance(b, list | tuple)
-                           and list(a) == list(b)):
-            return f"{key}: made for {a!r}, this one has {b!r}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b and not (isinstance(a, list | tuple) and isinstance(b, list | tuple)
+                             and list(a) == list(b)):
+            return f"{prefix}{key}: made for {a!r}, this one has {b!r}"
     return None
 
 

@@ -307,7 +307,7 @@ def test_resume_refuses_another_run(tmp_path, small_model):
                        checkpoint_dir=lora_ckpt)
     wider = dataclasses.replace(cfg, vocab_size=64)
     wider_params = llama.init_params(wider, jax.random.key(0))
-    with pytest.raises(ValueError, match="model: made for"):
+    with pytest.raises(ValueError, match="model.vocab_size: made for 48, this one has 64"):
         train.finetune(wider_params, sel, data, config=wider, steps=2, checkpoint_dir=ckpt)
 
 
