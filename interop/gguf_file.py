@@ -142,7 +142,8 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[llama.LlamaConfig, l
     return cfg, assemble(cfg, _tensors(path, reader, cfg), target, origin=path)
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=None) -> Path:
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=None,
+                 overwrite: bool = False) -> Path:
     """Write a Llama GGUF as an HF folder (safetensors, config, tokenizer, chat template)
     that transformers and `load_hf` read; written beside `out_dir` and renamed into place."""
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
@@ -153,4 +154,4 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dt
         AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tokenizer_dir)
         GenerationConfig.from_model_config(LlamaConfig.from_dict(config_to_hf(cfg))).save_pretrained(
             tokenizer_dir)
-        return save_hf(out_dir, cfg, params, tokenizer_from=tokenizer_dir)
+        return save_hf(out_dir, cfg, params, tokenizer_from=tokenizer_dir, overwrite=overwrite)

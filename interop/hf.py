@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from spsft_jax import llama
-from spsft_jax.atomic import atomic_dir
 from spsft_jax.interop.config import config_to_hf, read_config
+from spsft_jax.outputs import output_dir
 from spsft_jax.trees import leaf_paths, nest
 
 # Our top-level entry -> HF key prefix; "{i}" marks leaves stacked over layers.
@@ -107,9 +107,14 @@ def _index_files(index: Path) -> list[Path]:
 
 
 def _read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    with safe_open(path, framework="numpy") as f:
-        for name in f.keys():
-            yield name, f.get_tensor(name)
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except SafetensorError as err:  # a truncated or corrupt file
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
 
 
 def _read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -155,6 +160,9 @@ def _unpickling_reason(err: BaseException) -> str:
     """The part of torch's weights_only refusal that names the offending object
     (its first line only says the file could be loaded unsafely)."""
     text = _ANSI.sub("", str(err))
+    blocked = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if blocked:  # torch names the import it refused; say which
+        return f"it imports {blocked.group(1)}, which is blocked"
     match = re.search(r"WeightsUnpickler error:\s*(.*)", text, re.DOTALL)
     return _sentence(match.group(1)) if match else _first_line(err)
 
@@ -169,11 +177,16 @@ def _checkpoint_dtype(files: list[Path]) -> np.dtype:
     float32 where that is not one we keep (float64) or there is none."""
     first = files[0]
     if first.suffix == ".safetensors":
-        with safe_open(first, framework="numpy") as f:
-            for name in f.keys():
-                dtype = f.get_slice(name).get_dtype()
-                if dtype in _ST_FLOATS:
-                    return np.dtype(_ST_FLOATS[dtype])
+        from safetensors import SafetensorError
+
+        try:
+            with safe_open(first, framework="numpy") as f:
+                for name in f.keys():
+                    dtype = f.get_slice(name).get_dtype()
+                    if dtype in _ST_FLOATS:
+                        return np.dtype(_ST_FLOATS[dtype])
+        except SafetensorError as err:
+            raise ValueError(f"{first}: not a readable safetensors file ({err})") from None
         return np.dtype(np.float32)
     for _, tensor in _read_tensors(first):
         if tensor.dtype.name in _NP_DTYPES or tensor.dtype == np.float64:
@@ -181,24 +194,28 @@ def _checkpoint_dtype(files: list[Path]) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def load_hf(path: str | os.PathLike, dtype=None) -> tuple[llama.LlamaConfig, llama.Params]:
+def load_hf(path: str | os.PathLike, dtype=None, *,
+            allow_nonfinite: bool = False) -> tuple[llama.LlamaConfig, llama.Params]:
     """Load an HF Llama checkpoint folder as `(cfg, params)`.
 
     dtype: the parameters' dtype (float32, bfloat16, float16); None keeps the checkpoint's.
     Reads `model.safetensors`, a sharded safetensors index, or `pytorch_model.bin`
     (with `weights_only=True`: pickles holding anything but tensors are refused).
+    A tensor holding NaN or Inf is refused, naming it, unless `allow_nonfinite=True`.
     """
     folder = Path(path)
     cfg = read_config(folder / "config.json")
     files = _weight_files(folder)
     target = _np_dtype(dtype) if dtype is not None else _checkpoint_dtype(files)
     named = ((file, name, tensor) for file in files for name, tensor in _read_tensors(file))
-    return cfg, assemble(cfg, named, target, origin=folder)
+    return cfg, assemble(cfg, named, target, origin=folder, allow_nonfinite=allow_nonfinite)
 
 
-def assemble(cfg: llama.LlamaConfig, named, target, *, origin) -> llama.Params:
+def assemble(cfg: llama.LlamaConfig, named, target, *, origin,
+             allow_nonfinite: bool = False) -> llama.Params:
     """The parameter pytree from `(file, HF name, array)` triples, each copied (as `target`)
-    into its slot of a preallocated stacked buffer; every tensor must be there once."""
+    into its slot of a preallocated stacked buffer; every tensor must be there once and
+    finite (unless `allow_nonfinite`)."""
     expected = hf_names(cfg)
     shapes = {p: leaf.shape for p, leaf in leaf_paths(llama.param_shapes(cfg))}
     buffers = {p: np.empty(shape, target) for p, shape in shapes.items()}
@@ -219,6 +236,9 @@ def assemble(cfg: llama.LlamaConfig, named, target, *, origin) -> llama.Params:
             )
         dest = buffers[leaf_path] if layer is None else buffers[leaf_path][layer]
         dest[...] = tensor.astype(target, copy=False)
+        if not allow_nonfinite and not np.isfinite(dest).all():
+            raise ValueError(f"{file}: tensor {name!r} holds NaN or Inf values "
+                             f"(allow_nonfinite=True / --allow-nonfinite loads it anyway)")
         seen.add(name)
     missing = sorted(set(expected) - seen, key=_natural_key)
     if missing:
@@ -283,6 +303,19 @@ def _host_tensors(shard: list[str], where, leaves, dtype) -> dict[str, np.ndarra
     return out
 
 
+# Weight files a loader might read instead of (or beside) the ones we write.
+WEIGHT_FILES = r"(model.*\.safetensors|pytorch_model.*\.bin)(\.index\.json)?"
+
+
+def _check_param_shapes(cfg: llama.LlamaConfig, params: llama.Params) -> None:
+    """Every leaf has the shape `cfg` implies (merged weights of another model are refused)."""
+    leaves = dict(leaf_paths(params))
+    for path, want in leaf_paths(llama.param_shapes(cfg)):
+        if path in leaves and tuple(leaves[path].shape) != tuple(want.shape):
+            raise ValueError(f"params: {'/'.join(path)} has shape {tuple(leaves[path].shape)}, "
+                             f"the config implies {tuple(want.shape)}")
+
+
 def save_hf(
     path: str | os.PathLike,
     cfg: llama.LlamaConfig,
@@ -291,14 +324,19 @@ def save_hf(
     max_shard_size: int | str = "5GB",
     dtype=None,
     tokenizer_from: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write an HF checkpoint folder that `transformers.AutoModelForCausalLM` loads.
 
     dtype: storage dtype; None keeps the parameters'. Tokenizer files are copied from
     `tokenizer_from`, by default the folder the config was loaded from.
     The folder is written beside `path` and renamed into place when complete;
-    shards are gathered to the host one at a time.
+    shards are gathered to the host one at a time. An existing folder that spsft-jax did
+    not write is refused unless `overwrite=True`, and even then only our files are
+    replaced (weight files of another layout left there are refused). Every parameter
+    must have the shape `cfg` gives it.
     """
+    _check_param_shapes(cfg, params)
     target = _np_dtype(dtype) if dtype is not None else None
     first = jax.tree_util.tree_leaves(params)[0]
     storage = target or _np_dtype(first.dtype)
@@ -312,7 +350,7 @@ def save_hf(
     source = Path(tokenizer_from) if tokenizer_from else (
         Path(cfg.source_dir) if cfg.source_dir else None
     )
-    with atomic_dir(path) as tmp:
+    with output_dir(path, kind="hf", overwrite=overwrite, conflicts=WEIGHT_FILES) as tmp:
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype_name), indent=2) + "\n")
         if len(shards) == 1:
             save_file(_host_tensors(shards[0], where, leaves, target), tmp / "model.safetensors",

@@ -20,7 +20,8 @@ from safetensors.numpy import save_file
 
 from spsft_jax import delta as deltas
 from spsft_jax import llama
-from spsft_jax.atomic import atomic_dir
+from spsft_jax.outputs import output_dir
+from spsft_jax.trees import set_nested
 
 PEFT_PREFIX = "base_model.model.model.layers.{i}."
 
@@ -48,8 +49,15 @@ def save_peft_adapter(
     delta: Any,
     *,
     base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write `delta` (SPSFT rows or LoRA on the decoder linears) as a PEFT LoRA adapter."""
+    """Write `delta` (SPSFT rows or LoRA on the decoder linears) as a PEFT LoRA adapter.
+
+    The delta is checked against `cfg` first (layers, shapes, rows in range): nothing is
+    dropped. overwrite: write into an existing folder spsft-jax did not write (only the
+    adapter files are replaced).
+    """
+    model_shapes = llama.param_shapes(cfg)
     shapes = cfg.linear_shapes()
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
@@ -59,6 +67,11 @@ def save_peft_adapter(
         if module_path[0] != "layers" or name not in shapes:
             raise ValueError(f"delta at {'/'.join(module_path)}: PEFT adapters here cover the "
                              "decoder layers' linear modules only")
+        if isinstance(d, deltas.LoraDelta | deltas.RowDelta) and getattr(d, "bias", None) is None:
+            try:  # layers, shapes and rows must fit the model: nothing is dropped or clipped
+                deltas.validate(model_shapes, set_nested({}, module_path, d))
+            except (ValueError, KeyError) as err:
+                raise ValueError(f"PEFT export: {err.args[0]}") from None
         a, b, alpha = _as_lora(d, shapes[name][0])
         ranks[name], alphas[name] = a.shape[-2], alpha
         block = ".".join(module_path[1:])
@@ -88,7 +101,7 @@ def save_peft_adapter(
         "inference_mode": True,
         "modules_to_save": None,
     }
-    with atomic_dir(path) as tmp:
+    with output_dir(path, kind="peft", overwrite=overwrite) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(path)

@@ -7,7 +7,15 @@ types and what the caller adds (base model, targets, metric, ...):
     tensors:  "layers/mlp/up_proj/rows" int32 [L, r], "layers/mlp/up_proj/w_f" [L, r, d_in], ...
     metadata: {"spsft_jax.deltas": '{"layers/mlp/up_proj": {"type": "RowDelta"}, ...}', "model": ...}
 
-Training state (trainable pytree, optimizer state, step) goes through orbax.
+Adapters saved with `cfg=` also record what they were made for, and `load_delta(path,
+cfg=cfg)` refuses a model they do not fit, naming the first field or tensor that differs:
+
+    "spsft_jax.config":  '{"vocab_size": 96, "hidden_size": 32, "num_layers": 2, ...}'
+    "spsft_jax.targets": '{"layers/mlp/up_proj": [2, 64, 32], ...}'   (each target's weight shape)
+
+Training state (trainable pytree, optimizer state, step) goes through orbax, with a
+`run.json` beside it recording the run it belongs to (method, rank, selection digest,
+model), which a resume must match.
 """
 from __future__ import annotations
 
@@ -23,15 +31,79 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
 from spsft_jax import delta as deltas
+from spsft_jax import llama
 from spsft_jax import trees
-from spsft_jax.atomic import atomic_file
+from spsft_jax.outputs import output_file
 
 DELTAS_KEY = "spsft_jax.deltas"
+CONFIG_KEY = "spsft_jax.config"
+TARGETS_KEY = "spsft_jax.targets"
+RUN_FILE = "run.json"
+# LlamaConfig fields that decide whether weights, adapters and states fit one another.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                       "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mlp_bias")
 _TYPES = {cls.__name__: cls for cls in deltas.DELTA_TYPES}
 
 
-def save_delta(path: str | os.PathLike, delta: Any, **metadata: str) -> Path:
-    """Write `delta` to one safetensors file (atomically); `metadata` values are strings."""
+def architecture(cfg: Any) -> dict[str, Any]:
+    """The architecture fields of a `LlamaConfig` (what an adapter or state must match)."""
+    return {f: getattr(cfg, f) for f in ARCHITECTURE_FIELDS if hasattr(cfg, f)}
+
+
+def _weight_shape(shapes: Any, module_path: tuple[str, ...]) -> list[int]:
+    try:
+        return list(deltas._module_at(shapes, module_path)["weight"].shape)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+
+
+def target_shapes(cfg: Any, delta: Any) -> dict[str, list[int]]:
+    """Module path -> the weight shape each delta of `delta` targets in a model of `cfg`."""
+    shapes = llama.param_shapes(cfg)
+    return {"/".join(p): _weight_shape(shapes, p) for p, _ in deltas.leaves(delta)}
+
+
+def first_difference(recorded: dict, current: dict, prefix: str = "") -> str | None:
+    """'field: made for X, this one has Y' for the first (nested) key whose values differ."""
+    for key in list(recorded) + [k for k in current if k not in recorded]:
+        a, b = recorded.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b and not (isinstance(a, list | tuple) and isinstance(b, list | tuple)
+                             and list(a) == list(b)):
+            return f"{prefix}{key}: made for {a!r}, this one has {b!r}"
+    return None
+
+
+def check_delta(where: str, delta: Any, metadata: dict[str, str], cfg: Any, params: Any = None) -> None:
+    """Refuse an adapter that does not fit the model of `cfg` (and `params`), naming the
+    first architecture field or tensor that differs (ValueError)."""
+    if CONFIG_KEY in metadata:
+        diff = first_difference(json.loads(metadata[CONFIG_KEY]), architecture(cfg))
+        if diff:
+            raise ValueError(f"{where}: adapter does not fit the model: {diff}")
+    shapes = llama.param_shapes(cfg)
+    for module, shape in json.loads(metadata.get(TARGETS_KEY, "{}")).items():
+        here = _weight_shape(shapes, tuple(module.split("/")))
+        if list(shape) != here:
+            raise ValueError(f"{where}: adapter made for {module} of shape {tuple(shape)}, "
+                             f"the model's is {tuple(here)}")
+    try:
+        deltas.validate(shapes if params is None else params, delta)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def save_delta(path: str | os.PathLike, delta: Any, *, cfg: Any = None, overwrite: bool = False,
+               **metadata: str) -> Path:
+    """Write `delta` to one safetensors file (atomically); `metadata` values are strings.
+
+    cfg: the model's `LlamaConfig`; recorded (architecture and each target's shape) so that
+        `load_delta(path, cfg=...)` can refuse a model the adapter does not fit.
+    overwrite: replace an existing file that spsft-jax did not write.
+    """
     tensors: dict[str, np.ndarray] = {}
     layout: dict[str, dict] = {}
     for module_path, d in deltas.leaves(delta):
@@ -48,13 +120,21 @@ def save_delta(path: str | os.PathLike, delta: Any, **metadata: str) -> Path:
         layout[key] = meta
     info = {k: str(v) for k, v in metadata.items()}
     info[DELTAS_KEY] = json.dumps(layout)
-    with atomic_file(path, "wb") as f:
+    if cfg is not None:
+        deltas.validate(llama.param_shapes(cfg), delta)
+        info[CONFIG_KEY] = json.dumps(architecture(cfg))
+        info[TARGETS_KEY] = json.dumps(target_shapes(cfg, delta))
+    with output_file(path, "wb", overwrite=overwrite) as f:
         f.write(save(tensors, metadata=info))
     return Path(path)
 
 
-def load_delta(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
-    """(delta pytree, metadata) from a file written by `save_delta`."""
+def load_delta(path: str | os.PathLike, *, cfg: Any = None, params: Any = None) -> tuple[Any, dict[str, str]]:
+    """(delta pytree, metadata) from a file written by `save_delta`.
+
+    With `cfg` (and optionally `params`), refuse an adapter that does not fit that model
+    (see `check_delta`).
+    """
     try:
         with safe_open(path, framework="numpy") as f:
             metadata = dict(f.metadata() or {})
@@ -83,23 +163,42 @@ def load_delta(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
             raise ValueError(f"{path}: module {key}: {err}") from None
     if arrays:
         raise ValueError(f"{path}: tensors not described by the metadata: {sorted(arrays)[:5]}")
+    if cfg is not None:
+        check_delta(str(path), tree, metadata, cfg, params)
     return tree, metadata
 
 
 # --------------------------------------------------------------------------- training state
 
 
-def save_state(directory: str | os.PathLike, step: int, state: Any) -> None:
-    """Save a training-state pytree under `directory/<step>` with orbax."""
+def save_state(directory: str | os.PathLike, step: int, state: Any, *, run: dict | None = None) -> None:
+    """Save a training-state pytree under `directory/<step>` with orbax; `run` (what the
+    state belongs to) goes to `run.json` beside it, for `restore_state` to check."""
     import orbax.checkpoint as ocp
 
+    if run is not None:
+        save_run_info(directory, run)
     with ocp.CheckpointManager(Path(directory).absolute()) as manager:
         manager.save(step, args=ocp.args.StandardSave(state))
         manager.wait_until_finished()
 
 
-def restore_state(directory: str | os.PathLike, like: Any) -> tuple[int, Any] | None:
-    """(step, state) of the latest checkpoint in `directory` shaped like `like`, or None."""
+def delete_state(directory: str | os.PathLike, step: int) -> None:
+    """Remove the checkpoint of `step` (one found unusable), so an earlier one is the latest."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(Path(directory).absolute()) as manager:
+        if step in manager.all_steps():
+            manager.delete(step)
+
+
+def restore_state(directory: str | os.PathLike, like: Any, *, run: dict | None = None) -> tuple[int, Any] | None:
+    """(step, state) of the latest checkpoint in `directory` shaped like `like`, or None.
+
+    With `run`, a checkpoint whose `run.json` records another run (method, selection, rank,
+    model, trainable shapes) is refused, naming the first field that differs; a state that
+    does not fit `like` is refused too (ValueError).
+    """
     import orbax.checkpoint as ocp
 
     if not Path(directory).exists():
@@ -108,5 +207,34 @@ def restore_state(directory: str | os.PathLike, like: Any) -> tuple[int, Any] | 
         step = manager.latest_step()
         if step is None:
             return None
+        if run is not None:
+            check_run_info(directory, run)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{directory}/{step}: checkpoint does not fit this run "
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+
+
+def save_run_info(directory: str | os.PathLike, info: dict) -> None:
+    """Record what a training state belongs to (`run.json` beside the orbax steps)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    with output_file(Path(directory) / RUN_FILE, overwrite=True) as f:
+        json.dump(info, f, indent=1, sort_keys=True)
+
+
+def check_run_info(directory: str | os.PathLike, info: dict) -> None:
+    """Refuse to resume from `directory` when its `run.json` records another run
+    (ValueError naming the first field that differs)."""
+    file = Path(directory) / RUN_FILE
+    try:
+        recorded = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{file}: missing; the checkpoints in {directory} do not say which run "
+                         f"they belong to, so they cannot be resumed") from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{file}: unreadable ({err})") from None
+    diff = first_difference(recorded, json.loads(json.dumps(info)))
+    if diff:
+        raise ValueError(f"{file}: checkpoint made for another run: {diff}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from importlib import resources
@@ -39,7 +40,7 @@ def _load(args):
     from spsft_jax import interop
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
-    return interop.load_hf(args.model, dtype=dtype)
+    return interop.load_hf(args.model, dtype=dtype, allow_nonfinite=getattr(args, "allow_nonfinite", False))
 
 
 # Learning rates that suit pretrained checkpoints, per method (the embedded model's job
@@ -163,13 +164,14 @@ def _steps(args, encoded) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from spsft_jax import checkpoint, data, train
+    from spsft_jax import checkpoint, data, outputs, train
     from spsft_jax import selection as selection_lib
-    from spsft_jax.atomic import atomic_file
 
     from spsft_jax import bench
 
     _job_defaults(args)
+    out = Path(args.out)
+    checkpoints = _checkpoint_dir(args, out)
     cfg, params = _load(args)
     tokenizer = data.load_tokenizer(args.tokenizer or args.model)
     pad_id = _tokens(args, tokenizer).pad
@@ -177,9 +179,15 @@ def cmd_finetune(args) -> int:
     evaluate = _evaluator(args, cfg, params, tokenizer)
     steps = _steps(args, encoded)
     chosen = None
+    run_selection = None if checkpoints is None else checkpoints / "selection.safetensors"
+    if args.method == "spsft" and args.resume and not args.selection and run_selection.is_file():
+        args.selection = str(run_selection)  # rescoring could choose other rows than the run's
     if args.method == "spsft":
         chosen = (selection_lib.load(args.selection, cfg=cfg)[0] if args.selection
                   else _selection(args, cfg, params, encoded, pad_id))
+        if run_selection is not None and not run_selection.is_file():
+            run_selection.parent.mkdir(parents=True, exist_ok=True)
+            selection_lib.save(run_selection, chosen, model=str(args.model), cfg=cfg)
     longest = args.seq_len or data.bucket_length(encoded.seq_len, encoded.max_len)
     mem, n_trainable = bench.step_memory(
         cfg, params, chosen, batch_shape=(args.batch_size, longest), method=args.method,
@@ -198,22 +206,28 @@ def cmd_finetune(args) -> int:
         tune_norms=args.tune_norms, tokentune=args.tokentune, remat=args.remat,
         grad_accum=args.grad_accum, warmup=args.warmup, schedule=args.schedule,
         weight_decay=args.weight_decay, seed=args.seed, progress=not args.quiet,
+        checkpoint_dir=None if checkpoints is None else str(checkpoints),
+        checkpoint_every=args.checkpoint_every or 0,
     )
     elapsed = time.perf_counter() - start
+    if not result.history:
+        raise UsageError(f"--resume: the run in {checkpoints} has done its {args.steps} steps already; "
+                         f"raise --steps to continue it")
     after = evaluate(result.delta)
 
-    out = Path(args.out)
-    checkpoint.save_delta(out / "adapter.safetensors", result.delta, model=str(args.model),
-                          method=args.method, targets=json.dumps(args.targets), metric=args.metric)
-    if chosen is not None:
-        selection_lib.save(out / "selection.safetensors", chosen, model=str(args.model),
-                           targets=json.dumps(args.targets), metric=args.metric)
     summary = {"method": args.method, "trainable_params": result.trainable_params,
                "steps": len(result.history), "seconds": round(elapsed, 2),
                "train_loss_first": result.history[0]["loss"], "train_loss_last": result.history[-1]["loss"],
                "eval_before": before, "eval_after": after, "history": result.history}
-    with atomic_file(out / "history.json") as f:
-        json.dump(summary, f, indent=2)
+    keep = [checkpoints.name] if checkpoints is not None else []
+    with outputs.output_dir(out, kind="run", overwrite=args.overwrite, keep=keep) as tmp:
+        checkpoint.save_delta(tmp / "adapter.safetensors", result.delta, cfg=cfg, model=str(args.model),
+                              method=args.method, targets=json.dumps(args.targets), metric=args.metric)
+        if chosen is not None:
+            selection_lib.save(tmp / "selection.safetensors", chosen, model=str(args.model), cfg=cfg,
+                               targets=json.dumps(args.targets), metric=args.metric)
+        with open(tmp / "history.json", "w") as f:
+            json.dump(summary, f, indent=2)
     frac = result.trainable_params / cfg.num_params()
     print(f"{args.method}: {result.trainable_params:,} trainable parameters ({100 * frac:.2f}% of the model), "
           f"{len(result.history)} steps in {elapsed:.1f} s")
@@ -237,7 +251,7 @@ def cmd_select(args) -> int:
     pad_id = _tokens(args, tokenizer).pad
     chosen = _selection(args, cfg, params, _examples(args, args.data, tokenizer, cfg), pad_id)
     selection_lib.save(args.out, chosen, model=str(args.model), targets=json.dumps(args.targets),
-                       metric=args.metric)
+                       metric=args.metric, cfg=cfg, overwrite=args.overwrite)
     print(f"{selection_lib.num_selected_params(chosen, cfg):,} parameters selected; wrote {args.out}")
     return 0
 
@@ -246,11 +260,13 @@ def cmd_export(args) -> int:
     from spsft_jax import checkpoint, delta as deltas, interop
 
     cfg, params = _load(args)
-    delta, _ = checkpoint.load_delta(args.adapter)
+    delta, _ = checkpoint.load_delta(args.adapter, cfg=cfg, params=params)
     if args.format == "peft":
-        interop.save_peft_adapter(args.out, cfg, delta, base_model_name_or_path=str(args.model))
+        interop.save_peft_adapter(args.out, cfg, delta, base_model_name_or_path=str(args.model),
+                                  overwrite=args.overwrite)
     else:
-        interop.save_hf(args.out, cfg, deltas.merge(params, delta), max_shard_size=args.max_shard_size)
+        interop.save_hf(args.out, cfg, deltas.merge(params, delta), max_shard_size=args.max_shard_size,
+                        overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0
 
@@ -260,7 +276,7 @@ def cmd_generate(args) -> int:
 
     cfg, params = _load(args)
     tokenizer = data.load_tokenizer(args.tokenizer or args.model)
-    delta = checkpoint.load_delta(args.adapter)[0] if args.adapter else None
+    delta = checkpoint.load_delta(args.adapter, cfg=cfg, params=params)[0] if args.adapter else None
     outputs = generate.complete(cfg, params, tokenizer, args.prompt, chat=args.chat,
                                 tokens=_tokens(args, tokenizer), delta=delta,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -296,7 +312,7 @@ def cmd_convert(args) -> int:
     source = args.gguf or gguf_file.package_gguf(args.from_package)
     start = time.perf_counter()
     try:
-        out = interop.convert_gguf(source, args.out_dir, dtype=args.dtype)
+        out = interop.convert_gguf(source, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
     except ImportError as err:  # the optional gguf / transformers packages
         raise ValueError(str(err)) from None
     print(f"{source} -> {out} ({time.perf_counter() - start:.1f} s)")
@@ -335,7 +351,7 @@ def _model_options(p, *, data: bool):
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="spsft-jax", description=__doc__.split("\n\n")[0])
+    top = _Parser(prog="spsft-jax", description=__doc__.split("\n\n")[0])
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("finetune", help="fine-tune (default: the embedded tiny model and task)")
@@ -408,7 +424,156 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="storage dtype of the dequantized weights")
     p.set_defaults(func=cmd_convert)
+    _safety_options(sub)
     return top
+
+
+class UsageError(Exception):
+    """A bad command line (argparse's complaint), reported on one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _safety_options(sub) -> None:
+    """Options every subcommand shares: error display, and how outputs and checkpoints behave."""
+    for name, p in sub.choices.items():
+        p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        if name in ("finetune", "select", "export", "generate"):
+            p.add_argument("--allow-nonfinite", action="store_true",
+                           help="load weights that hold NaN or Inf (refused by default)")
+        if name in ("finetune", "select", "export", "convert"):
+            p.add_argument("--overwrite", action="store_true",
+                           help="write into an existing output spsft-jax did not write (only our "
+                                "files there are replaced; nothing else is deleted)")
+        if name == "finetune":
+            p.add_argument("--checkpoint-every", type=int, metavar="N",
+                           help="save the training state to OUT/checkpoints every N steps")
+            p.add_argument("--resume", action="store_true",
+                           help="continue the run in OUT/checkpoints (same model, method, rank, selection)")
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and v >= 1
+
+
+def _positive_float(v) -> bool:
+    return isinstance(v, float) and math.isfinite(v) and v > 0
+
+
+# option -> (test, what it must be); checked before anything is loaded.
+OPTION_RULES = {
+    "steps": (_positive_int, "an integer >= 1"),
+    "batch_size": (_positive_int, "an integer >= 1"),
+    "seq_len": (_positive_int, "an integer >= 1"),
+    "rank": (_positive_int, "an integer >= 1"),
+    "grad_accum": (_positive_int, "an integer >= 1"),
+    "importance_batches": (_positive_int, "an integer >= 1"),
+    "max_new_tokens": (_positive_int, "an integer >= 1"),
+    "max_len": (_positive_int, "an integer >= 1"),
+    "epochs": (_positive_float, "a positive number"),
+    "temperature": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: greedy)"),
+    "top_p": (lambda v: _positive_float(v) and v <= 1, "a fraction in (0, 1]"),
+    "checkpoint_every": (_positive_int, "an integer >= 1"),
+    "lr": (_positive_float, "a positive finite number"),
+    "ratio": (lambda v: _positive_float(v) and v <= 1, "a fraction in (0, 1]"),
+    "warmup": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0 (steps, or a fraction below 1)"),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "tokentune": (lambda v: all(_positive_float(x) and (x <= 1 or x.is_integer())
+                                for x in (v if isinstance(v, list) else [v])),
+                  "a fraction in (0, 1] or an integer count >= 1"),
+}
+
+
+def _check_options(args) -> None:
+    for name, (test, must) in OPTION_RULES.items():
+        value = getattr(args, name, None)
+        if value is not None and not test(value):
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be {must}")
+    if args.command == "finetune" and args.tokentune is not None and args.tokentune > 1:
+        args.tokentune = int(args.tokentune)  # a token count, as the help offers
+
+
+def _check_outputs(args) -> None:
+    """Every output path is usable before anything is loaded or trained."""
+    from spsft_jax import outputs
+
+    overwrite = getattr(args, "overwrite", False)
+    if args.command == "finetune":
+        outputs.check_dir(args.out, kind="run", overwrite=overwrite, what="--out")
+    elif args.command == "export":
+        kind = "peft" if args.format == "peft" else "hf"
+        outputs.check_dir(args.out, kind=kind, overwrite=overwrite, what="--out")
+        if Path(args.out).absolute() == Path(args.model).absolute() and not overwrite:
+            raise outputs.OutputError(f"--out {args.out}: is the --model folder")
+    elif args.command == "select":
+        outputs.check_file(args.out, overwrite=overwrite, what="--out")
+    elif args.command == "convert":
+        outputs.check_dir(args.out_dir, kind="hf", overwrite=overwrite, what="OUT_DIR")
+
+
+def _check_inputs(args) -> None:
+    """Data files exist, are files, and are UTF-8 JSON lines whose text fields are strings."""
+    for option in ("data", "eval"):
+        path = getattr(args, option, None)
+        if not path:
+            continue
+        file = Path(path)
+        if not file.exists():
+            raise UsageError(f"--{option} {path}: no such file")
+        if not file.is_file():
+            raise UsageError(f"--{option} {path}: is a folder, not a JSONL file")
+        with open(file, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte {err.start})") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+                for key in ("prompt", "response", "text"):
+                    if isinstance(record, dict) and key in record and not isinstance(record[key], str):
+                        raise ValueError(f"{path}:{line_no}: field {key!r} must be a string, "
+                                         f"found {type(record[key]).__name__}")
+    for option in ("adapter", "selection"):
+        path = getattr(args, option, None)
+        if path and Path(path).is_dir():
+            raise UsageError(f"--{option} {path}: is a folder, not a .safetensors file")
+
+
+def _checkpoint_dir(args, out: Path) -> Path | None:
+    """OUT/checkpoints when the run checkpoints or resumes; a fresh run drops our old ones."""
+    from spsft_jax import outputs
+
+    checkpoints = out / "checkpoints"
+    if args.resume:
+        if not (checkpoints / "run.json").is_file():
+            raise UsageError(f"--resume: {checkpoints} holds no checkpoint of a run to continue")
+    elif checkpoints.name in outputs.recorded(out).get("run", ()) and checkpoints.is_dir():
+        import shutil
+
+        shutil.rmtree(checkpoints)  # ours, from an earlier run into this folder: start afresh
+    if args.checkpoint_every is None and not args.resume:
+        return None
+    outputs.claim_dir(out, [checkpoints.name], kind="run", overwrite=args.overwrite)
+    return checkpoints
+
+
+def _message(err: BaseException) -> str:
+    """One line for a user error: file-system errors name their file."""
+    if isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    elif isinstance(err, OSError) and getattr(err, "filename", None):
+        text = f"{err.filename}: {err.strerror or err}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
 
 
 def _targets(value: str):
@@ -416,14 +581,26 @@ def _targets(value: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if hasattr(args, "targets"):
-        args.targets = _targets(args.targets)
+    from safetensors import SafetensorError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = None
     try:
+        args = parser().parse_args(argv)
+        command = args.command
+        if hasattr(args, "targets"):
+            args.targets = _targets(args.targets)
+        _check_options(args)
+        _check_outputs(args)
+        _check_inputs(args)
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, NotImplementedError, FloatingPointError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"spsft-jax {args.command}: error: {message}", file=sys.stderr)
+    except (UsageError, ValueError, OSError, KeyError, NotImplementedError, FloatingPointError,
+            SafetensorError) as err:
+        if args is not None and getattr(args, "debug", False) or "--debug" in argv:
+            raise
+        print(f"spsft-jax {command}: error: {_message(err)}".replace("spsft-jax : ", "spsft-jax: "),
+              file=sys.stderr)
         return 2
 
 

@@ -208,12 +208,83 @@ def _module_at(params: Params, path: tuple[str, ...]):
     return node
 
 
+def _expected_shapes(d: Any, module: Any) -> dict[str, tuple[int, ...]]:
+    """Field -> the shape a delta's tensor must have on `module` (weights [..., d_out, d_in])."""
+    w = tuple(module["weight"].shape)
+    bias = tuple(module["bias"].shape) if "bias" in module else None
+    if isinstance(d, NormDelta):
+        return {"weight": w}
+    if isinstance(d, BiasDelta):
+        return {"bias": bias} if bias is not None else {}
+    *lead, d_out, d_in = w
+    lead = tuple(lead)
+    if isinstance(d, RowDelta):
+        r = d.rows.shape[-1]
+        out = {"rows": lead + (r,), "w_f": lead + (r, d_in), "mask": lead + (r,)}
+    elif isinstance(d, ColumnDelta):
+        c = d.cols.shape[-1]
+        out = {"cols": lead + (c,), "w_f": lead + (d_out, c), "mask": lead + (c,)}
+    elif isinstance(d, LoraDelta):
+        r = d.a.shape[-2]
+        out = {"a": lead + (r, d_in), "b": lead + (d_out, r)}
+    elif isinstance(d, DenseDelta):
+        out = {"weight": w}
+    else:
+        return {}
+    if bias is not None:
+        out["bias"] = bias
+    return out
+
+
+def _concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def validate(params: Params, delta: Any) -> None:
+    """Check every delta against the module it meets: a ValueError names the first
+    tensor whose shape differs or whose row/column index is out of range.
+
+    `params` may be `llama.param_shapes(cfg)` (only shapes are read). Nothing is
+    ever clipped or dropped: indexing out of range inside jit would be silent.
+    """
+    for path, d in leaves(delta):
+        where = "/".join(path)
+        try:
+            module = _module_at(params, path)
+        except KeyError as err:
+            raise ValueError(err.args[0]) from None
+        for name, shape in _expected_shapes(d, module).items():
+            value = getattr(d, name, None)
+            if value is None:
+                continue
+            if tuple(value.shape) != tuple(shape):
+                raise ValueError(f"delta {where}/{name}: shape {tuple(value.shape)}, the model's "
+                                 f"{where} needs {tuple(shape)}")
+        if isinstance(d, BiasDelta | RowDelta | ColumnDelta | DenseDelta) and \
+                getattr(d, "bias", None) is not None and "bias" not in module:
+            raise ValueError(f"delta {where}/bias: the model's {where} has no bias")
+        index, size = (("rows", module["weight"].shape[-2]) if isinstance(d, RowDelta) else
+                       ("cols", module["weight"].shape[-1]) if isinstance(d, ColumnDelta) else
+                       (None, 0))
+        if index is not None and _concrete(getattr(d, index)) and getattr(d, index).size:
+            values = jnp.asarray(getattr(d, index))
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high >= size:
+                bad = low if low < 0 else high
+                raise ValueError(f"delta {where}/{index}: index {bad} is out of range "
+                                 f"(the model's {where} has {size})")
+
+
 def merge(params: Params, delta: Any) -> Params:
     """Fold every delta into its module: plain parameters, same structure as `params`.
+
+    Every delta is first checked against its module (`validate`): a shape mismatch or an
+    index out of range is an error, never a clip.
 
     >>> merged = merge(params, result.delta)          # doctest: +SKIP
     >>> llama.forward(cfg, merged, ids)               # == forward(cfg, params, ids, delta)
     """
+    validate(params, delta)
     merged = params
     for path, d in leaves(delta):
         if path == ("lm_head",) and "lm_head" not in params:

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from spsft_jax import atomic
+from spsft_jax import outputs
 from spsft_jax.llama import LlamaConfig
 from spsft_jax.trees import leaf_paths, nest
 
@@ -221,6 +221,20 @@ def _d_in(cfg: LlamaConfig, path: Path) -> int:
 # --------------------------------------------------------------------------- save / load
 
 
+def digest(selection: Selection) -> str:
+    """A short fingerprint of a selection's rows and masks (what a checkpoint was made for)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for module, entry in sorted(_entries(selection), key=lambda item: item[0]):
+        h.update("/".join(module).encode())
+        for kind in ("rows", "mask"):
+            if kind in entry:
+                value = np.ascontiguousarray(entry[kind], np.int32)
+                h.update(kind.encode() + str(value.shape).encode() + value.tobytes())
+    return h.hexdigest()[:16]
+
+
 def save(
     path: str | os.PathLike,
     selection: Selection,
@@ -229,8 +243,14 @@ def save(
     targets: str | list | tuple | None = None,
     metric: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    cfg: LlamaConfig | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Write a selection to a safetensors file, atomically.
+
+    cfg: check the selection against the model (modules, layers, rows in range) and record
+        its architecture, which `load(path, cfg=...)` then compares.
+    overwrite: replace an existing file that spsft-jax did not write.
 
     Tensors are named by module path: `layers/mlp/up_proj/rows` (int32) and
     `.../mask` (bool). `model`, `targets` (a list is stored as JSON), `metric` and
@@ -258,7 +278,13 @@ def save(
         if not isinstance(value, str):
             raise TypeError(f"metadata[{key!r}]: must be a string, got {type(value).__name__}")
         info[key] = value
-    with atomic.atomic_file(path, "wb") as f:
+    if cfg is not None:
+        from spsft_jax.checkpoint import CONFIG_KEY, architecture
+
+        for module, entry in _entries(selection):
+            _check_entry(f"selection {'/'.join(module)}", module, entry, cfg)
+        info[CONFIG_KEY] = json.dumps(architecture(cfg))
+    with outputs.output_file(path, "wb", overwrite=overwrite) as f:
         f.write(to_bytes(tensors, metadata=info))
 
 
@@ -285,6 +311,13 @@ def load(path: str | os.PathLike, *, cfg: LlamaConfig | None = None) -> tuple[Se
         raise ValueError(f"{path}: selection format version {info.get('format_version')!r} "
                          f"is not supported (expected {FORMAT_VERSION!r})")
 
+    if cfg is not None:
+        from spsft_jax.checkpoint import CONFIG_KEY, architecture, first_difference
+
+        diff = first_difference(json.loads(info.get(CONFIG_KEY, "{}")), architecture(cfg)) \
+            if CONFIG_KEY in info else None
+        if diff:
+            raise ValueError(f"{path}: selection does not fit the model: {diff}")
     flat: dict[Path, dict[str, np.ndarray]] = {}
     for name, value in tensors.items():
         *module, kind = name.split("/")

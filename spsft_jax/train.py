@@ -253,9 +253,15 @@ def make_train_step(cfg: llama.LlamaConfig, tc: TrainConfig, optimizer: optax.Gr
             (loss_sum, tokens, grads), _ = jax.lax.scan(accumulate, init, (batch, keys))
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss_sum / denom, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
+        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+        loss, grad_norm = loss_sum / denom, optax.global_norm(grads)
+        # A step whose loss, gradient or update is not finite (an update whose norm
+        # overflows counts) is not applied: the state stays as it was, and finetune stops.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        trainable, opt_state = (jax.tree.map(keep, optax.apply_updates(trainable, updates), trainable),
+                                jax.tree.map(keep, new_opt_state, opt_state))
+        metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "finite": finite}
         return trainable, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1))
@@ -374,13 +380,16 @@ def finetune(
     if checkpoint_dir is not None:
         from spsft_jax import checkpoint
 
-        restored = checkpoint.restore_state(checkpoint_dir, {"trainable": trainable, "opt_state": opt_state})
+        run = run_info(config, trainable, method=method, selection=selection, rank=rank, alpha=alpha)
+        restored = checkpoint.restore_state(checkpoint_dir, {"trainable": trainable, "opt_state": opt_state},
+                                            run=run)
         if restored is not None:
             first, state = restored
             trainable, opt_state = state["trainable"], state["opt_state"]
     base_key = jax.random.key(tc.seed + 1)
     schedule = learning_rate_schedule(tc)
     history: list[dict] = []
+    saved: list[int] = []  # steps this run checkpointed, latest last
     bar = _progress(tc.steps) if progress else None
     if bar is not None:
         bar.update(first)
@@ -394,8 +403,8 @@ def finetune(
         record = {"step": i + 1, "loss": loss, "learning_rate": float(schedule(i)),
                   "grad_norm": float(metrics["grad_norm"]), "tokens": tokens,
                   "step_s": elapsed, "tokens_per_s": tokens / elapsed}
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"step {i + 1}: loss is {loss}; lower the learning rate")
+        if not bool(metrics["finite"]):
+            _stop_on_fault(i + 1, record, checkpoint_dir, saved, resumed_from=first)
         history.append(record)
         if callback is not None:
             callback(record)
@@ -404,12 +413,49 @@ def finetune(
             bar.update(1)
         if checkpoint_dir is not None and (
                 i + 1 == tc.steps or (checkpoint_every and (i + 1) % checkpoint_every == 0)):
-            checkpoint.save_state(checkpoint_dir, i + 1, {"trainable": trainable, "opt_state": opt_state})
+            checkpoint.save_state(checkpoint_dir, i + 1, {"trainable": trainable, "opt_state": opt_state},
+                                  run=run)
+            saved.append(i + 1)
     if bar is not None:
         bar.close()
     if not history and first < tc.steps:
         raise ValueError("data yielded no batches")
     return FinetuneResult(trained_delta(params, trainable, frozen), history, n_trainable, tc)
+
+
+def run_info(cfg: llama.LlamaConfig, trainable: Any, *, method: str, selection: Any, rank: int,
+             alpha: float | None) -> dict:
+    """What a training state belongs to; a resume must match it field by field."""
+    from spsft_jax import checkpoint
+    from spsft_jax import selection as selection_lib
+
+    return {
+        "method": method,
+        "selection": selection_lib.digest(selection) if method == "spsft" else None,
+        "rank": rank if method == "lora" else None,
+        "alpha": alpha if method == "lora" else None,
+        "model": checkpoint.architecture(cfg),
+        "trainable": {jax.tree_util.keystr(k): list(v.shape)
+                      for k, v in jax.tree_util.tree_leaves_with_path(trainable)},
+    }
+
+
+def _stop_on_fault(step: int, record: dict, checkpoint_dir, saved: list[int], *, resumed_from: int) -> None:
+    """Raise for a step that was not applied. A non-finite loss means the state it started
+    from is already bad: its checkpoint, when this run just wrote it, is removed, so the
+    last good one stays the latest."""
+    loss = record["loss"]
+    if not math.isfinite(loss) and saved and saved[-1] == step - 1 and checkpoint_dir is not None:
+        from spsft_jax import checkpoint
+
+        checkpoint.delete_state(checkpoint_dir, saved.pop())
+    what = (f"loss is {loss}" if not math.isfinite(loss) else
+            f"gradient norm is {record['grad_norm']}" if not math.isfinite(record["grad_norm"]) else
+            "the update is not finite")
+    latest = saved[-1] if saved else resumed_from
+    kept = f"; the latest checkpoint is step {latest}" if checkpoint_dir is not None and latest else ""
+    raise FloatingPointError(f"step {step}: {what}, so it was not applied; lower the learning "
+                             f"rate{kept}")
 
 
 def _progress(total: int):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import hf_logits, rel_max_err
-from spsft_jax import checkpoint, cli, data, generate, interop, llama
+from spsft_jax import checkpoint, cli, data, generate, interop, llama, outputs
 from spsft_jax import delta as deltas
 from spsft_jax import selection as selection_lib
 
@@ -40,7 +40,7 @@ def model():
 
 def test_finetune_writes_adapter_selection_history(run, model):
     cfg, params = model
-    assert sorted(p.name for p in run.iterdir()) == [
+    assert sorted(p.name for p in run.iterdir() if p.name != outputs.MARKER) == [
         "adapter.safetensors", "history.json", "selection.safetensors"]
     summary = json.loads((run / "history.json").read_text())
     assert summary["method"] == "spsft" and summary["steps"] == len(summary["history"]) == 5
@@ -90,7 +90,8 @@ def test_export_peft_loads_in_peft(run, model, tmp_path):
     out = tmp_path / "peft"
     assert cli.main(["export", "--adapter", str(run / "adapter.safetensors"), "--out", str(out),
                      "--format", "peft"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir() if p.name != outputs.MARKER) == [
+        "adapter_config.json", "adapter_model.safetensors"]
     base = AutoModelForCausalLM.from_pretrained(MODEL, attn_implementation="eager").eval()
     peft_model = PeftModel.from_pretrained(base, str(out)).eval()
     ids = np.random.default_rng(1).integers(3, cfg.vocab_size, (2, 12)).astype(np.int32)

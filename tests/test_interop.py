@@ -353,8 +353,8 @@ def test_tokenizer_files_copied_on_export(tmp_path):
         sj.interop.save_hf(tmp_path / "typo", cfg_bare, params_bare, tokenizer_from=tmp_path / "srcc")
     assert not (tmp_path / "typo").exists()
 
-    # Saving over the source folder keeps its tokenizer.
-    sj.interop.save_hf(src, cfg, params)
+    # Saving over the source folder (not ours: asked for explicitly) keeps its tokenizer.
+    sj.interop.save_hf(src, cfg, params, overwrite=True)
     assert AutoTokenizer.from_pretrained(src)(TEXT)["input_ids"] == expected
 
 
@@ -609,8 +609,12 @@ def test_save_replaces_existing_folder(tmp_path):
     (out / "stale.txt").write_text("from an earlier run")
     assert (out / hf_io.SAFETENSORS_INDEX).exists()
 
-    sj.interop.save_hf(out, cfg, params_b)  # unsharded this time
-    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    with pytest.raises(ValueError, match="stale.txt"):  # a file we did not write: refused
+        sj.interop.save_hf(out, cfg, params_b)
+    sj.interop.save_hf(out, cfg, params_b, overwrite=True)  # unsharded this time
+    # Our old shards and index are gone; the file we did not write stays.
+    assert sorted(os.listdir(out)) == [".spsft-jax.json", "config.json", "generation_config.json",
+                                       "model.safetensors", "stale.txt"]
     assert os.listdir(out_parent) == ["model"]  # no temp or old folder left beside it
     _, reloaded = sj.interop.load_hf(out)
     _assert_same_params(params_b, reloaded)
@@ -620,7 +624,7 @@ def test_save_over_a_file_is_refused(tmp_path):
     make_hf_model(tmp_path / "src")
     cfg, params = sj.interop.load_hf(tmp_path / "src")
     (tmp_path / "taken").write_text("not a folder")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ValueError, match="not a folder"):
         sj.interop.save_hf(tmp_path / "taken", cfg, params)
     assert (tmp_path / "taken").read_text() == "not a folder"
     assert sorted(os.listdir(tmp_path)) == ["src", "taken"]
