@@ -123,6 +123,9 @@ def _selection(args, cfg, params, encoded, pad_id):
     return selection.select(scores, rank=args.rank, scope=args.scope, cfg=cfg)
 
 
+SAMPLES = 3  # held-out generations shown before and after fine-tuning
+
+
 def _evaluator(args, cfg, params, tokenizer):
     """`evaluate(delta) -> {"loss", "perplexity", "exact_match"}` on the --eval file (None without one)."""
     from spsft_jax import data, evaluate
@@ -138,9 +141,14 @@ def _evaluator(args, cfg, params, tokenizer):
 
     def run(delta):
         result = evaluate.held_out_loss(cfg, params, batches, delta=delta)
-        result["exact_match"] = (evaluate.exact_match(
-            cfg, params, tokenizer, pairs, delta=delta, tokens=tokens,
-            max_new_tokens=args.max_new_tokens)["exact_match"] if pairs else None)
+        result["exact_match"], result["samples"] = None, []
+        if pairs:
+            matched = evaluate.exact_match(cfg, params, tokenizer, pairs, delta=delta, tokens=tokens,
+                                           max_new_tokens=args.max_new_tokens)
+            result["exact_match"] = matched["exact_match"]
+            result["samples"] = [[tokenizer.decode(prompt, skip_special_tokens=True), reference, output]
+                                 for (prompt, reference), output
+                                 in zip(pairs[:SAMPLES], matched["outputs"])]
         return result
 
     return run
@@ -237,6 +245,8 @@ def cmd_finetune(args) -> int:
         if before["exact_match"] is not None:
             line += f"; exact match {100 * before['exact_match']:.1f}% -> {100 * after['exact_match']:.1f}%"
         print(line)
+        for (prompt, reference, first), (_, _, last) in zip(before["samples"], after["samples"]):
+            print(f"  {prompt!r}: before {first!r}, after {last!r} (reference {reference!r})")
     print(f"wrote {out / 'adapter.safetensors'} and {out / 'history.json'}")
     return 0
 
