@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spsft_jax import llama, losses, train, trees
+from spsft_jax import llama, train, trees
 
 GiB = 2**30
 
@@ -53,7 +53,7 @@ SETTINGS = {
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    method: str          # inference, taylor, dense, head, lora, spsft
+    method: str          # inference, taylor (row form), taylor-elementwise, dense, head, lora, spsft
     rank: int | None = None
     targets: str = "all-linear"
     tokentune: float | None = None
@@ -69,7 +69,7 @@ def variants(setting: Setting, fractions=()) -> list[Variant]:
     rows = [Variant("inference"), Variant("dense"), Variant("head"),
             Variant("lora", r), Variant("spsft", 2 * r),
             Variant("lora", r, "mlp"), Variant("spsft", 2 * r, "mlp"),
-            Variant("taylor", targets="all-linear")]
+            Variant("taylor", targets="all-linear"), Variant("taylor-elementwise", targets="all-linear")]
     for f in fractions:
         rows += [Variant("spsft", 2 * r, tokentune=f), Variant("lora", r, tokentune=f)]
     return rows
@@ -104,15 +104,26 @@ def lowered_step(setting: Setting, variant: Variant, remat: str | None, dtype=jn
     if variant.method == "inference":
         fn = jax.jit(lambda p, b: llama.forward(cfg, p, b["input_ids"], b["attention_mask"]))
         return fn.lower(params, _batch_shapes(setting, None)), 0
-    if variant.method == "taylor":
+    if variant.method in ("taylor", "taylor-elementwise"):
         from spsft_jax import importance
 
         modules = tuple(llama.module_paths(variant.targets))
-        total = jax.eval_shape(lambda p: importance.magnitude(cfg, p, variant.targets), params)
-        lowered = importance._taylor_step.lower(
-            params, total, jax.ShapeDtypeStruct((), jnp.int32), _batch_shapes(setting, None),
-            cfg=cfg, modules=modules, remat=remat, loss_fn=losses.causal_lm_loss)
-        return lowered, 0
+        options = dict(cfg=cfg, modules=modules, remat=remat, loss_fn=None, average="tokens")
+        counts = jax.ShapeDtypeStruct((1,), jnp.int32)
+        if variant.method == "taylor":  # the row form: one scalar per row
+            total = jax.eval_shape(
+                lambda p: jax.tree.map(lambda s: s[None], importance.magnitude(cfg, p, variant.targets)),
+                params)
+            return importance._taylor_step.lower(
+                params, total, counts, _batch_shapes(setting, None), **options), 0
+        # The element-wise form's largest pass: one layer's weight gradient, at layer 0,
+        # so that every later layer carries the gradient back.
+        grads = {p: jax.ShapeDtypeStruct((1, 1) + llama.subtree(params, *p)["weight"].shape[1:],
+                                         jnp.float32) for p in modules}
+        classes = jax.ShapeDtypeStruct((setting.batch_size, 1), jnp.float32)
+        return importance._elementwise_step.lower(
+            params, grads, counts, _batch_shapes(setting, None), classes, start=0, stop=1,
+            **options), 0
     selection = _selection(cfg, variant.targets, variant.rank) if variant.method == "spsft" else None
     tc = train.TrainConfig(steps=10, remat=remat, tokentune=variant.tokentune)
     optimizer = train.make_optimizer(tc)
