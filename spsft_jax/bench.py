@@ -116,14 +116,13 @@ def lowered_step(setting: Setting, variant: Variant, remat: str | None, dtype=jn
                 params)
             return importance._taylor_step.lower(
                 params, total, counts, _batch_shapes(setting, None), **options), 0
-        # The element-wise form's largest pass: one layer's weight gradient, at layer 0,
-        # so that every later layer carries the gradient back.
+        # One pass of the element-wise form: one layer's weight gradient (every pass alike).
         grads = {p: jax.ShapeDtypeStruct((1, 1) + llama.subtree(params, *p)["weight"].shape[1:],
                                          jnp.float32) for p in modules}
         classes = jax.ShapeDtypeStruct((setting.batch_size, 1), jnp.float32)
         return importance._elementwise_step.lower(
-            params, grads, counts, _batch_shapes(setting, None), classes, start=0, stop=1,
-            **options), 0
+            params, grads, counts, _batch_shapes(setting, None), classes,
+            jax.ShapeDtypeStruct((), jnp.int32), group=1, **options), 0
     selection = _selection(cfg, variant.targets, variant.rank) if variant.method == "spsft" else None
     tc = train.TrainConfig(steps=10, remat=remat, tokentune=variant.tokentune)
     optimizer = train.make_optimizer(tc)

@@ -31,9 +31,9 @@ dL/ds_i = w_i . dL/dw_i; its memory stays below an SPSFT step's. The element-wis
 form needs the gradient of every targeted weight over the whole data set before
 taking absolute values. It never holds the whole model's gradient: the layers
 are visited `layers_per_pass` at a time, each pass reading the data once and
-differentiating only that group's targeted weights (the layers before the group
-run forward only, those after it carry the gradient back as constants), so the
-memory is about an SPSFT step's plus one group's weight gradient.
+forming only that group's weight gradient (the other layers carry the gradient
+through as constants), so the memory is about an SPSFT step's plus one group's
+weight gradient, for about one training step's compute per pass and batch.
 """
 from __future__ import annotations
 
@@ -240,17 +240,19 @@ def _elementwise_taylor(params, batches, *, classwise, num_classes, layers_per_p
         onehots = [np.eye(num_classes, dtype=np.float32)[c] for c in classes]
     scores = _zero_scores(params, modules, num_classes)
     counts = None
-    for start in range(0, cfg.num_layers, layers_per_pass):
-        stop = min(start + layers_per_pass, cfg.num_layers)
-        grads = {p: jnp.zeros((stop - start, num_classes) + _weight(params, p).shape[1:], jnp.float32)
+    group = min(layers_per_pass, cfg.num_layers)
+    for first in range(0, cfg.num_layers, group):
+        start = min(first, cfg.num_layers - group)  # the last group may overlap the one before
+        grads = {p: jnp.zeros((group, num_classes) + _weight(params, p).shape[1:], jnp.float32)
                  for p in modules}
         pass_counts = jnp.zeros((num_classes,), jnp.int32)
         for x, onehot in zip(inputs, onehots):
             grads, pass_counts = _elementwise_step(params, grads, pass_counts, x, jnp.asarray(onehot),
-                                                   start=start, stop=stop, **options)
+                                                   jnp.int32(start), group=group, **options)
         counts = pass_counts
-        group = _elementwise_scores(params, grads, counts, start=start, stop=stop)
-        scores = nest({p: _leaf_at(scores, p).at[:, start:stop].set(group[p]) for p in modules})
+        found = _elementwise_scores(params, grads, counts, jnp.int32(start))
+        scores = nest({p: _leaf_at(scores, p).at[:, start:start + group].set(found[p])
+                       for p in modules})
     return scores, counts
 
 
@@ -344,9 +346,14 @@ def _weight_probe_fwd(x, y, probe, classes):
 
 
 def _weight_probe_bwd(residuals, dy):
-    x, classes = residuals  # the probe is float32 zeros
-    grad = jnp.einsum("bc,b...o,b...i->coi", classes.astype(dy.dtype), dy, x,
-                      preferred_element_type=jnp.float32)
+    x, classes = residuals  # the probe is float32 zeros; classes are zero outside the group
+
+    def gradient():
+        return jnp.einsum("bc,b...o,b...i->coi", classes.astype(dy.dtype), dy, x,
+                          preferred_element_type=jnp.float32)
+
+    shape = (classes.shape[-1], dy.shape[-1], x.shape[-1])
+    grad = jax.lax.cond(jnp.any(classes != 0), gradient, lambda: jnp.zeros(shape, jnp.float32))
     return jnp.zeros_like(x), dy, grad, jnp.zeros_like(classes)
 
 
@@ -419,23 +426,17 @@ def _classwise_step(params, total, tokens, inputs, classes, *, cfg, modules, rem
     return total, tokens + jnp.einsum("bc,b->c", one_hot, counts).astype(jnp.int32)
 
 
-def _run_layers(cfg, layers, layer_delta, h, cos, sin, allowed, remat):
-    """h through a stack of decoder layers (a slice of `params["layers"]`), scanned."""
-    if jax.tree.leaves(layers)[0].shape[0] == 0:
-        return h
+@jax.jit(static_argnames=_STATIC + ("group",), donate_argnames=("grads", "counts"))
+def _elementwise_step(params, grads, counts, inputs, classes, start, *, cfg, modules, remat,
+                      loss_fn, average, group):
+    """Add one batch's summed-loss gradient of the targeted weights of layers
+    [start, start + group) to `grads` (`[group, C, d_out, d_in]` per module).
 
-    def body(h, layer_and_delta):
-        layer, d = layer_and_delta
-        return llama.decoder_layer(cfg, layer, d, h, cos, sin, allowed), None
-
-    h, _ = jax.lax.scan(llama.remat_layer(body, remat), h, (layers, layer_delta))
-    return h
-
-
-@jax.jit(static_argnames=_STATIC + ("start", "stop"), donate_argnames=("grads", "counts"))
-def _elementwise_step(params, grads, counts, inputs, classes, *, cfg, modules, remat, loss_fn,
-                      average, start, stop):
-    """Add one batch's summed-loss gradient of the targeted weights of layers [start, stop)."""
+    One scan over all the stacked layers, as training runs them (slicing the stack
+    would copy the weights): the group's layers read their probe slice, the others
+    get all-zero classes and compute no weight gradient. `start` is traced, so the
+    step compiles once for every group.
+    """
     ids, labels = inputs["input_ids"], inputs["labels"]
     positions = llama.default_positions(ids)
     mask = inputs["attention_mask"]
@@ -443,16 +444,19 @@ def _elementwise_step(params, grads, counts, inputs, classes, *, cfg, modules, r
     h = llama.embed(params, ids)
     cos, sin = llama.rope_tables(cfg, positions, h.dtype)
     allowed = llama.attention_mask_2d(positions, positions, valid)
-    layers = params["layers"]
-    part = lambda a, b: jax.tree.map(lambda w: w[a:b], layers)  # noqa: E731
-    # Layers before the group only feed it: forward, nothing differentiated or kept.
-    h = _run_layers(cfg, part(0, start), None, h, cos, sin, allowed, None)
-    group_classes = jnp.broadcast_to(classes, (stop - start,) + classes.shape)
 
     def summed_loss(probes):
-        probe_delta = nest({p[1:]: _WeightProbe(probes[p], group_classes) for p in modules})
-        x = _run_layers(cfg, part(start, stop), probe_delta, h, cos, sin, allowed, remat)
-        x = _run_layers(cfg, part(stop, cfg.num_layers), None, x, cos, sin, allowed, remat)
+        def body(h, layer_and_index):
+            layer, i = layer_and_index
+            inside = (i >= start) & (i < start + group)
+            slot = jnp.clip(i - start, 0, group - 1)
+            mix = classes * inside.astype(classes.dtype)
+            probe_delta = nest({p[1:]: _WeightProbe(
+                jax.lax.dynamic_index_in_dim(probes[p], slot, keepdims=False), mix) for p in modules})
+            return llama.decoder_layer(cfg, layer, probe_delta, h, cos, sin, allowed), None
+
+        x, _ = jax.lax.scan(llama.remat_layer(body, remat), h,
+                            (params["layers"], jnp.arange(cfg.num_layers)))
         sums, per_example = _example_losses(cfg, params, x, labels, loss_fn)
         return _mean_loss_numerator(sums, per_example, average)
 
@@ -462,12 +466,12 @@ def _elementwise_step(params, grads, counts, inputs, classes, *, cfg, modules, r
     return grads, counts + jnp.einsum("bc,b->c", classes, per_example).astype(jnp.int32)
 
 
-@jax.jit(static_argnames=("start", "stop"))
-def _elementwise_scores(params, grads, counts, *, start, stop):
+@jax.jit
+def _elementwise_scores(params, grads, counts, start):
     """sum_j |w_ij g_ij| per class from the summed gradients `[g, C, d_out, d_in]`: `[C, g, d_out]`."""
     out = {}
     for path, g in grads.items():
-        w = _weight(params, path)[start:stop].astype(jnp.float32)
+        w = jax.lax.dynamic_slice_in_dim(_weight(params, path), start, g.shape[0]).astype(jnp.float32)
         summed = jnp.sum(jnp.abs(w[:, None] * g), axis=-1)           # [g, C, d_out]
         out[path] = jnp.swapaxes(summed, 0, 1) / _per_class(counts, 3)
     return out
