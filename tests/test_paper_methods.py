@@ -1,5 +1,7 @@
 """The paper's methods as it defines them: element-wise Taylor, dependency groups,
 TokenTune's sampling, the LoRA baseline, and exact low-precision sums and merges."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -386,3 +388,42 @@ def test_float32_merge_keeps_small_updates_that_bf16_drops(params):
     assert low["unchanged"] > 0.9 * low["updated"] and low["norm_kept"] < 0.5
     kept = deltas.merge(base, delta, dtype=jnp.bfloat16)
     assert llama.subtree(kept, *path)["weight"].dtype == jnp.bfloat16
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _labelled_data(folder, with_labels=True):
+    from spsft_jax import cli
+
+    records = [json.loads(line) for line in
+               (cli.default_asset("train.jsonl")).read_text().splitlines()[:24]]
+    path = folder / "labelled.jsonl"
+    lines = []
+    for r in records:
+        if with_labels:  # the class: whether the answer has two digits
+            r = {**r, "label": "two" if len(r["response"]) > 2 else "one"}
+        lines.append(json.dumps(r))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("metric", ["taylor-row", "qm-taylor"])
+def test_cli_select_metrics(tmp_path, metric):
+    from spsft_jax import cli
+
+    data = _labelled_data(tmp_path)
+    out = tmp_path / "sel.safetensors"
+    assert cli.main(["select", "--metric", metric, "--rank", "3", "--data", str(data),
+                     "--batch-size", "8", "--importance-batches", "2", "--out", str(out)]) == 0
+    chosen, meta = selection.load(out)
+    assert meta["metric"] == metric and chosen["layers"]["mlp"]["up_proj"]["rows"].shape[1] == 3
+
+
+def test_cli_qm_taylor_needs_labels(tmp_path, capsys):
+    from spsft_jax import cli
+
+    data = _labelled_data(tmp_path, with_labels=False)
+    out = tmp_path / "sel.safetensors"
+    assert cli.main(["select", "--metric", "qm-taylor", "--data", str(data), "--out", str(out)]) == 2
+    assert "record 1 has no 'label'" in capsys.readouterr().err and not out.exists()
