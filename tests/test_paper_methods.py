@@ -427,3 +427,34 @@ def test_cli_qm_taylor_needs_labels(tmp_path, capsys):
     out = tmp_path / "sel.safetensors"
     assert cli.main(["select", "--metric", "qm-taylor", "--data", str(data), "--out", str(out)]) == 2
     assert "record 1 has no 'label'" in capsys.readouterr().err and not out.exists()
+
+
+# --------------------------------------------------------------------------- export of dependency deltas
+
+
+def test_dependency_delta_exports_to_peft_and_merged_hf(tmp_path):
+    import spsft_jax as sj
+    from conftest import hf_logits, make_hf_model, rel_max_err
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    make_hf_model(tmp_path / "base", seed=3)  # GQA: 4 heads over 2 key-value heads
+    cfg, params = sj.interop.load_hf(tmp_path / "base")
+    rng = np.random.default_rng(0)
+    scores = nest({p: rng.random((cfg.num_layers, cfg.linear_shapes()[p[-1]][0])) for p in PATHS})
+    chosen = selection.select(scores, ratio=0.25, cfg=cfg, dependency=True)
+    delta = jax.tree.map(lambda x: jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype)
+                         if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                         deltas.rows_from_selection(params, chosen))
+    assert isinstance(delta["layers"]["self_attn"]["o_proj"], deltas.ColumnDelta)
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)
+    ours = np.asarray(llama.forward(cfg, params, jnp.asarray(ids), None, delta))
+    assert rel_max_err(ours, np.asarray(llama.forward(cfg, params, jnp.asarray(ids)))) > 1e-3
+
+    adapter = sj.interop.save_peft_adapter(tmp_path / "adapter", cfg, delta)
+    load = lambda folder: AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        folder, attn_implementation="eager").eval()
+    peft_model = PeftModel.from_pretrained(load(tmp_path / "base"), str(adapter)).eval()
+    assert rel_max_err(hf_logits(peft_model, ids), ours) < 1e-5
+    merged = sj.interop.save_hf(tmp_path / "merged", cfg, deltas.merge(params, delta))
+    assert rel_max_err(hf_logits(load(merged), ids), ours) < 1e-5
