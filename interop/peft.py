@@ -89,7 +89,8 @@ def save_peft_adapter(
         "target_modules": sorted(ranks),
         "rank_pattern": {n: k for n, k in ranks.items() if k != r},
         "alpha_pattern": {n: a for n, a in alphas.items() if ranks[n] != r or a != alpha},
-        "lora_dropout": 0.0,
+        "lora_dropout": max((d.dropout for _, d in deltas.leaves(delta)
+                             if isinstance(d, deltas.LoraDelta)), default=0.0),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,

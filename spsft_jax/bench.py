@@ -57,17 +57,21 @@ class Variant:
     rank: int | None = None
     targets: str = "all-linear"
     tokentune: float | None = None
+    paper: bool = False       # lora: the paper's baseline, alpha 16 and dropout 0.1
+    dependency: bool = False  # spsft: whole MLP channels and heads at the same parameter ratio
 
     @property
     def label(self) -> str:
         suffix = "-mlp" if self.targets == "mlp" else ""
+        suffix += "-paper" if self.paper else "-dep" if self.dependency else ""
         return f"{self.method}{suffix}"
 
 
 def variants(setting: Setting, fractions=()) -> list[Variant]:
     r = setting.lora_rank
     rows = [Variant("inference"), Variant("dense"), Variant("head"),
-            Variant("lora", r), Variant("spsft", 2 * r),
+            Variant("lora", r), Variant("lora", r, paper=True), Variant("spsft", 2 * r),
+            Variant("spsft", 2 * r, dependency=True),
             Variant("lora", r, "mlp"), Variant("spsft", 2 * r, "mlp"),
             Variant("taylor", targets="all-linear"), Variant("taylor-elementwise", targets="all-linear")]
     for f in fractions:
@@ -89,6 +93,17 @@ def _selection(cfg: llama.LlamaConfig, targets: str, rank: int) -> dict:
     for path, entry in entries.items():
         tree = trees.set_nested(tree, path, entry)
     return tree
+
+
+def _dependency_selection(cfg: llama.LlamaConfig, targets: str, plain: dict) -> dict:
+    """Dependency groups training the same fraction of the targeted weights as `plain`."""
+    from spsft_jax import selection as selection_lib
+
+    paths = llama.module_paths(targets)
+    total = sum(cfg.num_layers * int(np.prod(cfg.linear_shapes()[p[-1]])) for p in paths)
+    ratio = selection_lib.num_selected_params(plain, cfg) / total
+    scores = trees.nest({p: np.zeros((cfg.num_layers, cfg.linear_shapes()[p[-1]][0])) for p in paths})
+    return selection_lib.select(scores, ratio=ratio, cfg=cfg, dependency=True)
 
 
 def _batch_shapes(setting: Setting, grad_accum: int | None):
@@ -124,12 +139,15 @@ def lowered_step(setting: Setting, variant: Variant, remat: str | None, dtype=jn
             params, grads, counts, _batch_shapes(setting, None), classes,
             jax.ShapeDtypeStruct((), jnp.int32), group=1, **options), 0
     selection = _selection(cfg, variant.targets, variant.rank) if variant.method == "spsft" else None
+    if variant.dependency:
+        selection = _dependency_selection(cfg, variant.targets, selection)
+    lora_options = dict(alpha=16.0, dropout=0.1) if variant.paper else {}
     tc = train.TrainConfig(steps=10, remat=remat, tokentune=variant.tokentune)
     optimizer = train.make_optimizer(tc)
 
     def state(p):
         trainable, frozen = train.prepare(p, selection, method=variant.method, targets=variant.targets,
-                                          rank=variant.rank or 8)
+                                          rank=variant.rank or 8, **lora_options)
         trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
         return trainable, optimizer.init(trainable), frozen
 

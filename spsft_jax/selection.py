@@ -409,7 +409,7 @@ def _check_entry(where: str, module: Path, entry: Mapping[str, np.ndarray], cfg)
     if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer):
         raise ValueError(f"{where}/{key}: expected integer [layers, r], got {rows.dtype} {rows.shape}")
     if rows.size and rows.min() < 0:
-        raise ValueError(f"{where}/{key}: negative index {rows.min()}")
+        raise ValueError(f"{where}/{key}: negative {key[:-1]} index {rows.min()}")
     if "mask" in entry and (entry["mask"].dtype != bool or entry["mask"].shape != rows.shape):
         raise ValueError(f"{where}/mask: expected bool {rows.shape}, got "
                          f"{entry['mask'].dtype} {entry['mask'].shape}")
@@ -422,7 +422,8 @@ def _check_entry(where: str, module: Path, entry: Mapping[str, np.ndarray], cfg)
         raise ValueError(f"{where}/rows: {rows.shape[0]} layers, the config has {cfg.num_layers}")
     d_out = shapes[module[-1]][0 if key == "rows" else 1]
     if rows.size and rows.max() >= d_out:
-        raise ValueError(f"{where}/{key}: index {rows.max()} is out of range (the module has {d_out})")
+        raise ValueError(f"{where}/{key}: {key[:-1]} {rows.max()} is out of range "
+                         f"(the module has {d_out})")
 
 
 # --------------------------------------------------------------------------- pytree helpers

@@ -212,7 +212,8 @@ def trained_delta(params: llama.Params, trainable: dict, frozen: dict) -> Any:
 def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, key) -> tuple[jax.Array, jax.Array]:
     """(summed token loss, number of loss tokens) for one micro-batch."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    delta = deltas.with_dropout_keys(delta, jax.random.fold_in(key, 1))
+    if key is not None:  # LoRA dropout draws from the step's key
+        delta = deltas.with_dropout_keys(delta, jax.random.fold_in(key, 1))
     if tc.tokentune is None:
         h = llama.hidden_states(cfg, params, ids, mask, delta, remat=tc.remat)
         return chunked_causal_lm_loss(lambda x: llama.head(cfg, params, x, delta), h, labels,
