@@ -58,7 +58,7 @@ class Variant:
     targets: str = "all-linear"
     tokentune: float | None = None
     paper: bool = False       # lora: the paper's baseline, alpha 16 and dropout 0.1
-    dependency: bool = False  # spsft: whole MLP channels and heads at the same parameter ratio
+    dependency: bool = False  # spsft on the MLP: whole channels, as many parameters as plain rows
 
     @property
     def label(self) -> str:
@@ -71,8 +71,8 @@ def variants(setting: Setting, fractions=()) -> list[Variant]:
     r = setting.lora_rank
     rows = [Variant("inference"), Variant("dense"), Variant("head"),
             Variant("lora", r), Variant("lora", r, paper=True), Variant("spsft", 2 * r),
-            Variant("spsft", 2 * r, dependency=True),
             Variant("lora", r, "mlp"), Variant("spsft", 2 * r, "mlp"),
+            Variant("spsft", 2 * r, "mlp", dependency=True),
             Variant("taylor", targets="all-linear"), Variant("taylor-elementwise", targets="all-linear")]
     for f in fractions:
         rows += [Variant("spsft", 2 * r, tokentune=f), Variant("lora", r, tokentune=f)]
@@ -95,15 +95,16 @@ def _selection(cfg: llama.LlamaConfig, targets: str, rank: int) -> dict:
     return tree
 
 
-def _dependency_selection(cfg: llama.LlamaConfig, targets: str, plain: dict) -> dict:
-    """Dependency groups training the same fraction of the targeted weights as `plain`."""
+def _dependency_selection(cfg: llama.LlamaConfig, rank: int) -> dict:
+    """Whole MLP channels (gate/up rows, down columns) with the trainable parameters of
+    plain SPSFT at `rank` rows on the MLP: a channel costs 3 d, plain rows 2 d + ffn."""
     from spsft_jax import selection as selection_lib
 
-    paths = llama.module_paths(targets)
-    total = sum(cfg.num_layers * int(np.prod(cfg.linear_shapes()[p[-1]])) for p in paths)
-    ratio = selection_lib.num_selected_params(plain, cfg) / total
+    d, ffn = cfg.hidden_size, cfg.intermediate_size
+    channels = round(rank * (2 * d + ffn) / (3 * d))
+    paths = llama.module_paths("mlp")
     scores = trees.nest({p: np.zeros((cfg.num_layers, cfg.linear_shapes()[p[-1]][0])) for p in paths})
-    return selection_lib.select(scores, ratio=ratio, cfg=cfg, dependency=True)
+    return selection_lib.select(scores, rank=channels, cfg=cfg, dependency=True)
 
 
 def _batch_shapes(setting: Setting, grad_accum: int | None):
@@ -140,7 +141,7 @@ def lowered_step(setting: Setting, variant: Variant, remat: str | None, dtype=jn
             jax.ShapeDtypeStruct((), jnp.int32), group=1, **options), 0
     selection = _selection(cfg, variant.targets, variant.rank) if variant.method == "spsft" else None
     if variant.dependency:
-        selection = _dependency_selection(cfg, variant.targets, selection)
+        selection = _dependency_selection(cfg, variant.rank)
     lora_options = dict(alpha=16.0, dropout=0.1) if variant.paper else {}
     tc = train.TrainConfig(steps=10, remat=remat, tokentune=variant.tokentune)
     optimizer = train.make_optimizer(tc)

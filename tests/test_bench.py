@@ -64,3 +64,8 @@ def test_cli_bench_prints_one_json_object_per_line(monkeypatch, capsys):
     assert [(r["method"], r["remat"]) for r in records] == [
         ("inference", None), ("spsft", None), ("inference", "full"), ("spsft", "full")]
     assert all(FIELDS <= r.keys() and r["step_s"] is None for r in records)
+
+
+def test_dependency_row_matches_plain_trainable_parameters(rows):
+    assert (_row(rows, "spsft-mlp-dep")["trainable_params"]
+            == pytest.approx(_row(rows, "spsft-mlp")["trainable_params"], rel=0.1))
