@@ -4,7 +4,9 @@
 
 SPSFT rows are exactly a LoRA of rank r: `W + M W_f = W + B A` with `A = W_f`
 (padded slots zeroed) and `B = M`, the one-hot `[d_out, r]` row-selection matrix,
-at scale 1 (lora_alpha = r). LoRA deltas are written as they are. Modules of
+at scale 1 (lora_alpha = r). Dependency columns are exact too: `W + W_f,dep M_dep
+= W + B A` with `B = W_f,dep` and `A = M_dep`, the one-hot `[c, d_in]` column
+selection. LoRA deltas are written as they are. Modules of
 different rank get PEFT's `rank_pattern` / `alpha_pattern`. Norm and bias deltas
 have no LoRA form: export merged weights with `save_hf` instead.
 """
@@ -26,7 +28,7 @@ from spsft_jax.trees import set_nested
 PEFT_PREFIX = "base_model.model.model.layers.{i}."
 
 
-def _as_lora(d, d_out: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _as_lora(d, d_out: int, d_in: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """(A [L, r, d_in], B [L, d_out, r], alpha) of a stacked delta."""
     if isinstance(d, deltas.LoraDelta):
         rank = d.a.shape[-2]
@@ -37,6 +39,13 @@ def _as_lora(d, d_out: int) -> tuple[np.ndarray, np.ndarray, float]:
             w_f = w_f * np.asarray(d.mask, np.float32)[..., None]
         one_hot = np.eye(d_out, dtype=np.float32)[np.asarray(d.rows)]  # [L, r, d_out]
         return w_f, np.swapaxes(one_hot, -1, -2), float(w_f.shape[-2])
+    if isinstance(d, deltas.ColumnDelta) and d.bias is None:
+        w_f = np.asarray(d.w_f, np.float32)  # [L, d_out, c]
+        if d.mask is not None:
+            w_f = w_f * np.asarray(d.mask, np.float32)[..., None, :]
+        d_in = int(np.max(np.asarray(d.cols))) + 1 if d_in is None else d_in
+        one_hot = np.eye(d_in, dtype=np.float32)[np.asarray(d.cols)]  # [L, c, d_in]
+        return one_hot, w_f, float(w_f.shape[-1])
     raise ValueError(
         f"{type(d).__name__} has no LoRA form for a PEFT adapter; "
         "export merged weights with spsft_jax.interop.save_hf instead"
@@ -67,12 +76,12 @@ def save_peft_adapter(
         if module_path[0] != "layers" or name not in shapes:
             raise ValueError(f"delta at {'/'.join(module_path)}: PEFT adapters here cover the "
                              "decoder layers' linear modules only")
-        if isinstance(d, deltas.LoraDelta | deltas.RowDelta) and getattr(d, "bias", None) is None:
+        if isinstance(d, deltas.LoraDelta | deltas.RowDelta | deltas.ColumnDelta) and getattr(d, "bias", None) is None:
             try:  # layers, shapes and rows must fit the model: nothing is dropped or clipped
                 deltas.validate(model_shapes, set_nested({}, module_path, d))
             except (ValueError, KeyError) as err:
                 raise ValueError(f"PEFT export: {err.args[0]}") from None
-        a, b, alpha = _as_lora(d, shapes[name][0])
+        a, b, alpha = _as_lora(d, *shapes[name])
         ranks[name], alphas[name] = a.shape[-2], alpha
         block = ".".join(module_path[1:])
         for i in range(cfg.num_layers):
@@ -93,7 +102,8 @@ def save_peft_adapter(
         "target_modules": sorted(ranks),
         "rank_pattern": {n: k for n, k in ranks.items() if k != r},
         "alpha_pattern": {n: a for n, a in alphas.items() if ranks[n] != r or a != alpha},
-        "lora_dropout": 0.0,
+        "lora_dropout": max((d.dropout for _, d in deltas.leaves(delta)
+                             if isinstance(d, deltas.LoraDelta)), default=0.0),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,

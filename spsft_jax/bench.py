@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spsft_jax import llama, losses, train, trees
+from spsft_jax import llama, train, trees
 
 GiB = 2**30
 
@@ -53,23 +53,27 @@ SETTINGS = {
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    method: str          # inference, taylor, dense, head, lora, spsft
+    method: str          # inference, taylor (row form), taylor-elementwise, dense, head, lora, spsft
     rank: int | None = None
     targets: str = "all-linear"
     tokentune: float | None = None
+    paper: bool = False       # lora: the paper's baseline, alpha 16 and dropout 0.1
+    dependency: bool = False  # spsft on the MLP: whole channels, as many parameters as plain rows
 
     @property
     def label(self) -> str:
         suffix = "-mlp" if self.targets == "mlp" else ""
+        suffix += "-paper" if self.paper else "-dep" if self.dependency else ""
         return f"{self.method}{suffix}"
 
 
 def variants(setting: Setting, fractions=()) -> list[Variant]:
     r = setting.lora_rank
     rows = [Variant("inference"), Variant("dense"), Variant("head"),
-            Variant("lora", r), Variant("spsft", 2 * r),
+            Variant("lora", r), Variant("lora", r, paper=True), Variant("spsft", 2 * r),
             Variant("lora", r, "mlp"), Variant("spsft", 2 * r, "mlp"),
-            Variant("taylor", targets="all-linear")]
+            Variant("spsft", 2 * r, "mlp", dependency=True),
+            Variant("taylor", targets="all-linear"), Variant("taylor-elementwise", targets="all-linear")]
     for f in fractions:
         rows += [Variant("spsft", 2 * r, tokentune=f), Variant("lora", r, tokentune=f)]
     return rows
@@ -91,6 +95,18 @@ def _selection(cfg: llama.LlamaConfig, targets: str, rank: int) -> dict:
     return tree
 
 
+def _dependency_selection(cfg: llama.LlamaConfig, rank: int) -> dict:
+    """Whole MLP channels (gate/up rows, down columns) with the trainable parameters of
+    plain SPSFT at `rank` rows on the MLP: a channel costs 3 d, plain rows 2 d + ffn."""
+    from spsft_jax import selection as selection_lib
+
+    d, ffn = cfg.hidden_size, cfg.intermediate_size
+    channels = round(rank * (2 * d + ffn) / (3 * d))
+    paths = llama.module_paths("mlp")
+    scores = trees.nest({p: np.zeros((cfg.num_layers, cfg.linear_shapes()[p[-1]][0])) for p in paths})
+    return selection_lib.select(scores, rank=channels, cfg=cfg, dependency=True)
+
+
 def _batch_shapes(setting: Setting, grad_accum: int | None):
     lead = (grad_accum,) if grad_accum else ()
     shape = lead + (setting.batch_size, setting.seq_len)
@@ -104,22 +120,35 @@ def lowered_step(setting: Setting, variant: Variant, remat: str | None, dtype=jn
     if variant.method == "inference":
         fn = jax.jit(lambda p, b: llama.forward(cfg, p, b["input_ids"], b["attention_mask"]))
         return fn.lower(params, _batch_shapes(setting, None)), 0
-    if variant.method == "taylor":
+    if variant.method in ("taylor", "taylor-elementwise"):
         from spsft_jax import importance
 
         modules = tuple(llama.module_paths(variant.targets))
-        total = jax.eval_shape(lambda p: importance.magnitude(cfg, p, variant.targets), params)
-        lowered = importance._taylor_step.lower(
-            params, total, jax.ShapeDtypeStruct((), jnp.int32), _batch_shapes(setting, None),
-            cfg=cfg, modules=modules, remat=remat, loss_fn=losses.causal_lm_loss)
-        return lowered, 0
+        options = dict(cfg=cfg, modules=modules, remat=remat, loss_fn=None, average="tokens")
+        counts = jax.ShapeDtypeStruct((1,), jnp.int32)
+        if variant.method == "taylor":  # the row form: one scalar per row
+            total = jax.eval_shape(
+                lambda p: jax.tree.map(lambda s: s[None], importance.magnitude(cfg, p, variant.targets)),
+                params)
+            return importance._taylor_step.lower(
+                params, total, counts, _batch_shapes(setting, None), **options), 0
+        # One pass of the element-wise form: one layer's weight gradient (every pass alike).
+        grads = {p: jax.ShapeDtypeStruct((1, 1) + llama.subtree(params, *p)["weight"].shape[1:],
+                                         jnp.float32) for p in modules}
+        classes = jax.ShapeDtypeStruct((setting.batch_size, 1), jnp.float32)
+        return importance._elementwise_step.lower(
+            params, grads, counts, _batch_shapes(setting, None), classes,
+            jax.ShapeDtypeStruct((), jnp.int32), group=1, **options), 0
     selection = _selection(cfg, variant.targets, variant.rank) if variant.method == "spsft" else None
+    if variant.dependency:
+        selection = _dependency_selection(cfg, variant.rank)
+    lora_options = dict(alpha=16.0, dropout=0.1) if variant.paper else {}
     tc = train.TrainConfig(steps=10, remat=remat, tokentune=variant.tokentune)
     optimizer = train.make_optimizer(tc)
 
     def state(p):
         trainable, frozen = train.prepare(p, selection, method=variant.method, targets=variant.targets,
-                                          rank=variant.rank or 8)
+                                          rank=variant.rank or 8, **lora_options)
         trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
         return trainable, optimizer.init(trainable), frozen
 

@@ -115,12 +115,37 @@ def _selection(args, cfg, params, encoded, pad_id):
 
     if args.metric == "magnitude":
         scores = importance.magnitude(cfg, params, targets=args.targets)
+    elif args.metric == "qm-taylor":
+        batches = itertools.islice(_class_batches(args, encoded, pad_id), args.importance_batches)
+        scores = importance.classwise_taylor(cfg, params, batches, targets=args.targets,
+                                             aggregate="quantile_mean", remat=args.remat)
     else:
         batches = itertools.islice(_batches(args, encoded, pad_id, seed=1), args.importance_batches)
-        scores = importance.taylor(cfg, params, batches, targets=args.targets, remat=args.remat)
+        form = "row" if args.metric == "taylor-row" else "elementwise"
+        scores = importance.taylor(cfg, params, batches, targets=args.targets, form=form,
+                                   remat=args.remat)
     if args.ratio is not None:
         return selection.select(scores, ratio=args.ratio, scope=args.scope, cfg=cfg)
     return selection.select(scores, rank=args.rank, scope=args.scope, cfg=cfg)
+
+
+def _class_batches(args, encoded, pad_id):
+    """Batches in file order with `classes` [B]: each record's `label`, numbered in sorted order."""
+    import numpy as np
+
+    from spsft_jax import data
+
+    records = data.read_jsonl(args.data, format=encoded.format)
+    missing = next((i for i, r in enumerate(records) if "label" not in r), None)
+    if missing is not None:
+        raise ValueError(f"{args.data}: record {missing + 1} has no 'label' field "
+                         "(--metric qm-taylor needs one class label per record)")
+    names = sorted({str(r["label"]) for r in records})
+    classes = np.array([names.index(str(r["label"])) for r in records], np.int32)
+    seq_len = args.seq_len or data.bucket_length(encoded.seq_len, encoded.max_len)
+    for start in range(0, len(encoded.examples), args.batch_size):
+        batch = data.pad_batch(encoded.examples[start:start + args.batch_size], seq_len, pad_id)
+        yield {**batch, "classes": classes[start:start + args.batch_size]}
 
 
 SAMPLES = 3  # held-out generations shown before and after fine-tuning
@@ -352,7 +377,9 @@ def _model_options(p, *, data: bool):
         p.add_argument("--seq-len", type=int, help="pad every batch to this length (default: per-batch buckets)")
         p.add_argument("--batch-size", type=int, help="examples per step (default 8)")
         p.add_argument("--targets", default="all-linear", help="all-linear, mlp, attention or comma-separated module names")
-        p.add_argument("--metric", default="taylor", choices=["taylor", "magnitude"])
+        p.add_argument("--metric", default="taylor", choices=["taylor", "taylor-row", "magnitude", "qm-taylor"],
+                       help="taylor: sum_j |w g| (the paper's); taylor-row: |sum_j w g|; "
+                            "qm-taylor: class-wise Quantile-Mean (records need a 'label')")
         p.add_argument("--rank", type=int, default=16, help="rows per module (spsft) or LoRA rank")
         p.add_argument("--ratio", type=float, help="fraction of the targeted parameters to train (instead of --rank)")
         p.add_argument("--scope", default="layer", choices=["layer", "global"])

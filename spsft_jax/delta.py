@@ -49,6 +49,16 @@ def _pytree(*, meta: tuple[str, ...] = ()):
     return wrap
 
 
+def _product(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`einsum(spec, x, w)` in x's dtype (bf16 inputs stay bf16), accumulated and returned in float32."""
+    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _added(y: jax.Array, update: jax.Array) -> jax.Array:
+    """`y + update` summed in float32 and rounded once to y's dtype."""
+    return (y.astype(jnp.float32) + update).astype(y.dtype)
+
+
 def _masked(values: jax.Array, mask: jax.Array | None, axis: int) -> jax.Array:
     """Zero the padded slots of a variable-size selection (mask: 1 real, 0 padding)."""
     if mask is None:
@@ -68,8 +78,9 @@ class RowDelta:
     bias: jax.Array | None = None
 
     def apply(self, x, y):
-        z = jnp.einsum("...i,ri->...r", x, self.w_f.astype(x.dtype))
-        y = y.at[..., self.rows].add(_masked(z, self.mask, -1).astype(y.dtype))
+        z = _masked(_product("...i,ri->...r", x, self.w_f), self.mask, -1)
+        # Scatter-add in float32 (padding slots repeat a row with z = 0: add, never set).
+        y = y.astype(jnp.float32).at[..., self.rows].add(z).astype(y.dtype)
         return y if self.bias is None else y + self.bias.astype(y.dtype)
 
     def merge(self, module):
@@ -88,8 +99,7 @@ class ColumnDelta:
     bias: jax.Array | None = None
 
     def apply(self, x, y):
-        w = _masked(self.w_f, self.mask, 1).astype(x.dtype)
-        y = y + jnp.einsum("...c,oc->...o", x[..., self.cols], w).astype(y.dtype)
+        y = _added(y, _product("...c,oc->...o", x[..., self.cols], _masked(self.w_f, self.mask, 1)))
         return y if self.bias is None else y + self.bias.astype(y.dtype)
 
     def merge(self, module):
@@ -98,17 +108,27 @@ class ColumnDelta:
         return _with_bias({**module, "weight": w.at[:, self.cols].add(update)}, self.bias)
 
 
-@_pytree(meta=("scale",))
+@_pytree(meta=("scale", "dropout"))
 class LoraDelta:
-    """LoRA: `h = W x + scale * B (A x)`. a: [r, d_in]; b: [d_out, r]; scale = alpha / r."""
+    """LoRA: `h = W x + scale * B (A dropout(x))`. a: [r, d_in]; b: [d_out, r]; scale = alpha / r.
+
+    Dropout (probability `dropout`, on the LoRA branch's input as PEFT) acts only while
+    `key` holds a PRNG key (training sets one per step, see `with_dropout_keys`);
+    with `key=None` (evaluation, generation, merging) the branch sees x unchanged.
+    """
 
     a: jax.Array
     b: jax.Array
     scale: float = 1.0
+    dropout: float = 0.0
+    key: jax.Array | None = None
 
     def apply(self, x, y):
-        ax = jnp.einsum("...i,ri->...r", x, self.a.astype(x.dtype))
-        return y + self.scale * jnp.einsum("...r,or->...o", ax, self.b.astype(x.dtype)).astype(y.dtype)
+        if self.key is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(self.key, 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        ax = _product("...i,ri->...r", x, self.a).astype(x.dtype)
+        return _added(y, self.scale * _product("...r,or->...o", ax, self.b))
 
     def merge(self, module):
         w = module["weight"]
@@ -124,7 +144,7 @@ class DenseDelta:
     bias: jax.Array | None = None
 
     def apply(self, x, y):
-        y = y + jnp.einsum("...i,oi->...o", x, self.weight.astype(x.dtype)).astype(y.dtype)
+        y = _added(y, _product("...i,oi->...o", x, self.weight))
         return y if self.bias is None else y + self.bias.astype(y.dtype)
 
     def merge(self, module):
@@ -275,8 +295,13 @@ def validate(params: Params, delta: Any) -> None:
                                  f"(the model's {where} has {size})")
 
 
-def merge(params: Params, delta: Any) -> Params:
+def merge(params: Params, delta: Any, *, dtype=jnp.float32) -> Params:
     """Fold every delta into its module: plain parameters, same structure as `params`.
+
+    Every sum is taken in float32; the merged model is stored in `dtype` (float32
+    by default, whatever the base's dtype: small updates survive). `dtype=None`
+    keeps each parameter's own dtype; for a bf16 result, `merge_report` tells how
+    much of the update the rounding drops.
 
     Every delta is first checked against its module (`validate`): a shape mismatch or an
     index out of range is an error, never a clip.
@@ -285,14 +310,53 @@ def merge(params: Params, delta: Any) -> Params:
     >>> llama.forward(cfg, merged, ids)               # == forward(cfg, params, ids, delta)
     """
     validate(params, delta)
-    merged = params
+
+    def store(x, like):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return x
+        return x.astype(jnp.result_type(like) if dtype is None else dtype)
+
+    merged = jax.tree.map(lambda x: store(x, x), params)
     for path, d in leaves(delta):
         if path == ("lm_head",) and "lm_head" not in params:
             raise ValueError("cannot merge an lm_head delta into tied embeddings; untie them first")
         # Stacked layers: fold each layer's slice of the delta into its slice of the weight.
         fold = jax.vmap(type(d).merge) if path[0] == "layers" else type(d).merge
-        merged = set_nested(merged, path, fold(d, _module_at(params, path)))
+        module = _module_at(params, path)
+        wide = jax.tree.map(lambda x: store(x, jnp.float32) if dtype is None else x.astype(jnp.float32),
+                            module)
+        merged = set_nested(merged, path, jax.tree.map(store, fold(d, wide), module))
     return merged
+
+
+def merge_report(params: Params, delta: Any, dtype=jnp.bfloat16) -> dict[str, float]:
+    """How much of the update a merge stored in `dtype` keeps, over all merged weights.
+
+    Returns {"updated": entries the delta changes, "unchanged": of those, entries
+    whose stored value equals the base's (the update rounded away), "norm_kept":
+    |stored - base| / |update| in the Frobenius norm (1.0 = all kept), "error":
+    |stored - base - update| / |update|}.
+
+    >>> merge_report(params, result.delta)["unchanged"]   # doctest: +SKIP
+    """
+    exact = merge(params, delta, dtype=jnp.float32)
+    stored = merge(params, delta, dtype=dtype)
+    updated = unchanged = 0
+    update_sq = kept_sq = error_sq = 0.0
+    for path, _ in leaves(delta):
+        for key, base in _module_at(params, path).items():
+            base = jnp.asarray(base, jnp.float32)
+            update = _module_at(exact, path)[key] - base
+            kept = jnp.asarray(_module_at(stored, path)[key], jnp.float32) - base
+            changed = update != 0
+            updated += int(changed.sum())
+            unchanged += int((changed & (kept == 0)).sum())
+            update_sq += float(jnp.sum(update**2))
+            kept_sq += float(jnp.sum(kept**2))
+            error_sq += float(jnp.sum((kept - update) ** 2))
+    scale = update_sq**0.5 or 1.0
+    return {"updated": updated, "unchanged": unchanged, "norm_kept": kept_sq**0.5 / scale,
+            "error": error_sq**0.5 / scale}
 
 
 def leaves(delta: Any) -> list[tuple[tuple[str, ...], Any]]:
@@ -340,23 +404,28 @@ def num_trainable(tree: Any) -> int:
 
 
 def rows_from_selection(params: Params, selection: Any, dtype=jnp.float32, *, bias: bool = False) -> Any:
-    """Zero-initialised RowDeltas for a selection pytree of `{"rows": [L, r], "mask"?: [L, r]}`."""
+    """Zero-initialised deltas for a selection pytree: a RowDelta for `{"rows": [L, r],
+    "mask"?: [L, r]}`, a ColumnDelta for `{"cols": [L, c], "mask"?}` (dependency groups)."""
 
     def make(path, sel):
         module = _module_at(params, path)
-        rows = jnp.asarray(sel["rows"], jnp.int32)
-        d_in = module["weight"].shape[-1]
+        d_out, d_in = module["weight"].shape[-2:]
         b = jnp.zeros(module["bias"].shape, dtype) if bias and "bias" in module else None
         mask = sel.get("mask")
         # The mask stays boolean so `split` keeps it with the fixed (untrained) leaves.
-        return RowDelta(rows, jnp.zeros(rows.shape + (d_in,), dtype),
-                        None if mask is None else jnp.asarray(mask, bool), b)
+        mask = None if mask is None else jnp.asarray(mask, bool)
+        if "cols" in sel:
+            cols = jnp.asarray(sel["cols"], jnp.int32)
+            lead = cols.shape[:-1]
+            return ColumnDelta(cols, jnp.zeros(lead + (d_out, cols.shape[-1]), dtype), mask, b)
+        rows = jnp.asarray(sel["rows"], jnp.int32)
+        return RowDelta(rows, jnp.zeros(rows.shape + (d_in,), dtype), mask, b)
 
     return _map_selection(make, selection)
 
 
 def _map_selection(fn: Callable, selection: Any, path: tuple[str, ...] = ()) -> Any:
-    if isinstance(selection, dict) and "rows" in selection:
+    if isinstance(selection, dict) and ("rows" in selection or "cols" in selection):
         return fn(path, selection)
     if isinstance(selection, dict):
         return {k: _map_selection(fn, v, path + (k,)) for k, v in selection.items()}
@@ -364,8 +433,15 @@ def _map_selection(fn: Callable, selection: Any, path: tuple[str, ...] = ()) -> 
 
 
 def lora(params: Params, modules: list[tuple[str, ...]], key: jax.Array, *, rank: int,
-         alpha: float | None = None, dtype=jnp.float32) -> Any:
-    """LoRA deltas on the given module paths: A ~ Kaiming-uniform, B = 0 (as PEFT)."""
+         alpha: float | None = None, dropout: float = 0.0, dtype=jnp.float32) -> Any:
+    """LoRA deltas on the given module paths, initialised as PEFT's default: A ~
+    kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)), and B = 0.
+
+    alpha: scale = alpha / rank (default alpha = rank, scale 1; the paper's baseline
+    uses 16). dropout: on the LoRA input while training (the paper's baseline: 0.1).
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lora dropout={dropout}: must lie in [0, 1)")
     alpha = float(rank if alpha is None else alpha)
     tree: dict = {}
     for path, k in zip(modules, jax.random.split(key, len(modules))):
@@ -374,8 +450,19 @@ def lora(params: Params, modules: list[tuple[str, ...]], key: jax.Array, *, rank
         bound = (1.0 / d_in) ** 0.5  # kaiming_uniform(a=sqrt(5)) on [r, d_in]
         a = jax.random.uniform(k, (*lead, rank, d_in), dtype, -bound, bound)
         b = jnp.zeros((*lead, d_out, rank), dtype)
-        tree = set_nested(tree, path, LoraDelta(a, b, alpha / rank))
+        tree = set_nested(tree, path, LoraDelta(a, b, alpha / rank, float(dropout)))
     return tree
+
+
+def with_dropout_keys(delta: Any, key: jax.Array) -> Any:
+    """The delta with a fresh PRNG key in every LoRA delta that has dropout (one key per
+    layer under "layers"), so that `apply` drops inputs; other deltas are unchanged."""
+    found = [(p, d) for p, d in leaves(delta) if isinstance(d, LoraDelta) and d.dropout > 0]
+    for index, (path, d) in enumerate(found):
+        k = jax.random.fold_in(key, index)
+        k = jax.random.split(k, d.a.shape[0]) if path[0] == "layers" else k
+        delta = set_nested(delta, path, dataclasses.replace(d, key=k))
+    return delta
 
 
 def scales(params: Params, modules: list[tuple[str, ...]], batch: int | None = None) -> Any:

@@ -7,10 +7,12 @@ Scores are a pytree shaped like a selection, nested along the module paths of
                          "mlp":       {"gate_proj": [L, ffn], "up_proj": [L, ffn],
                                        "down_proj": [L, hidden]}}}
 
-Metrics (paper sec. 3.2 and appendix A):
+Metrics (paper sec. 3.2 and appendix A), with g = dL/dW the gradient of the
+mean loss L over the whole data set:
 
     magnitude(cfg, params)                     L2 norm of each row
-    taylor(cfg, params, batches)               |w_i . dL/dw_i| over the whole data set
+    taylor(cfg, params, batches)               sum_j |w_ij g_ij|: the paper's (form="elementwise")
+    taylor(..., form="row")                    |sum_j w_ij g_ij|: the derivative of L by a row scale
     classwise_taylor(cfg, params, batches)     per-class Taylor, aggregated over classes
     per_class_taylor(cfg, params, batches)     the per-class scores [C, L, d_out] themselves
     aggregate(per_class, "quantile_mean")      mean / max / Quantile-Mean over classes
@@ -19,10 +21,19 @@ Batches are dicts of int32 arrays `input_ids`, `attention_mask` (optional) and
 `labels` `[B, T]` (HF convention, -100 = no loss); class-wise Taylor also needs
 `classes [B]`, one class per example.
 
-Taylor never forms a weight gradient: each targeted row i is scaled by s_i = 1 and
-`jax.grad` is taken with respect to the scales, since dL/ds_i = w_i . dL/dw_i. That
-is one scalar per row (per example for the class-wise variant), and the backward
-pass keeps no more activations than an SPSFT training step does.
+The mean loss L averages over `average="tokens"` (every loss token of the data set
+weighs the same: long examples weigh more) or `average="examples"` (each example's
+mean token loss, then the mean over examples, as the paper's 1/|D| sum over x).
+
+The row form never forms a weight gradient: each targeted row i is scaled by
+s_i = 1 and `jax.grad` is taken with respect to the scales, since
+dL/ds_i = w_i . dL/dw_i; its memory stays below an SPSFT step's. The element-wise
+form needs the gradient of every targeted weight over the whole data set before
+taking absolute values. It never holds the whole model's gradient: the layers
+are visited `layers_per_pass` at a time, each pass reading the data once and
+forming only that group's weight gradient (the other layers carry the gradient
+through as constants), so the memory is about an SPSFT step's plus one group's
+weight gradient, for about one training step's compute per pass and batch.
 """
 from __future__ import annotations
 
@@ -41,6 +52,8 @@ Scores = dict[str, Any]
 LossFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 AGGREGATES = ("quantile_mean", "mean", "max")
+FORMS = ("elementwise", "row")
+AVERAGES = ("tokens", "examples")
 
 
 # --------------------------------------------------------------------------- magnitude
@@ -67,40 +80,45 @@ def taylor(
     batches: Iterable[Mapping[str, Any]],
     targets="all-linear",
     *,
+    form: str = "elementwise",
+    average: str = "tokens",
+    layers_per_pass: int = 1,
     remat=None,
     loss_fn: LossFn | None = None,
 ) -> Scores:
-    """Taylor importance `|w_i . dL/dw_i|` of every targeted row over a data set.
+    """Taylor importance of every targeted row over a data set, `[L, d_out]` float32 per module.
 
-    L is the loss of the whole data set: the mean over all loss tokens of all
-    batches, so each batch weighs by its number of loss tokens. The signed
-    derivative `w_i . dL/dw_i` is accumulated over batches and its absolute value
-    taken at the end (appendix A: `|1/|D| sum_x w . dL(x)/dw|`), so two batches
-    whose effects cancel give a small score.
+    form: "elementwise" (the paper's, appendix A, final line, and torch-pruning's
+        default): `sum_j |w_ij g_ij|`; "row": `|sum_j w_ij g_ij|`, the derivative of the
+        loss by a scale on row i, which needs no weight gradient. In both, g is the
+        gradient of the data set's mean loss, accumulated over all batches before
+        the absolute value is taken, so two batches whose effects cancel give a
+        small score.
+    average: "tokens" (L is the mean over all loss tokens of all batches) or
+        "examples" (the mean over examples of each example's mean token loss;
+        examples without a loss token are left out).
+    layers_per_pass ("elementwise" only): decoder layers whose weight gradient is
+        held at once; the data are read ceil(num_layers / layers_per_pass) times.
+        Larger groups trade memory for fewer passes.
 
-    batches: any iterable of dicts with int32 `input_ids`, `labels` and optionally
-        `attention_mask`, all `[B, T]`; it is read once, one batch at a time. The
-        step is compiled once per batch shape.
-    remat: passed to `llama.forward` ("full", "dots" or a policy).
-    loss_fn: `(logits, labels) -> (summed loss, number of loss tokens)`;
-        default `losses.causal_lm_loss`.
+    batches: an iterable of dicts with int32 `input_ids`, `labels` and optionally
+        `attention_mask`, all `[B, T]`. The row form reads it once, one batch at a
+        time; the element-wise form keeps the batches (host arrays) to read them
+        once per pass. The steps compile once per batch shape (and group of layers).
+    remat: passed to the layer scan ("full", "dots" or a policy).
+    loss_fn: `(logits, labels) -> (summed loss, number of loss tokens)`, applied to
+        each example; default: the causal-LM cross entropy, `cfg.chunk_tokens` at a time.
 
     >>> scores = taylor(cfg, params, [batch], targets="mlp")   # doctest: +SKIP
     >>> scores["layers"]["mlp"]["up_proj"].shape                # doctest: +SKIP
     (num_layers, intermediate_size)
     """
-    modules = _paths(targets)
-    total = _zero_scores(params, modules)
-    tokens = jnp.zeros((), jnp.int32)
-    for index, batch in enumerate(batches):
-        total, tokens = _taylor_step(
-            params, total, tokens, _model_inputs(batch, index),
-            cfg=cfg, modules=modules, remat=remat, loss_fn=loss_fn or losses.causal_lm_loss,
-        )
-    tokens = int(tokens)
-    if tokens == 0:
+    scores, counts = _taylor(cfg, params, batches, _paths(targets), form=form, average=average,
+                             classwise=False, num_classes=1, layers_per_pass=layers_per_pass,
+                             remat=remat, loss_fn=loss_fn)
+    if int(counts[0]) == 0:
         raise ValueError("taylor: the batches hold no loss tokens (none given, or every label is -100)")
-    return jax.tree.map(lambda t: jnp.abs(t / tokens), total)
+    return jax.tree.map(lambda s: s[0], scores)
 
 
 def per_class_taylor(
@@ -110,41 +128,32 @@ def per_class_taylor(
     targets="all-linear",
     *,
     num_classes: int | None = None,
+    form: str = "elementwise",
+    average: str = "tokens",
+    layers_per_pass: int = 1,
     remat=None,
     loss_fn: LossFn | None = None,
 ) -> tuple[Scores, jax.Array]:
     """Class-wise Taylor importance before aggregation (paper eq. 6).
 
-    For class t, `eta_i^t = |w_i . dL_t/dw_i|` where L_t is the mean loss over the
-    loss tokens of the examples of class t (all batches together). One backward
-    pass per batch gives every example's row derivatives (a per-example scale),
-    which are summed per class.
+    For class t, `eta_i^t` is the Taylor score of row i (`form` and `average` as in
+    `taylor`) for L_t, the mean loss over the examples of class t (all batches
+    together). One backward pass per batch gives every class's derivatives:
+    examples are independent, so each example's share of the gradient is its own.
 
     Each batch also needs `classes [B]` int, one class per example, in
-    `[0, num_classes)`. With `num_classes=None` the class axis grows to the largest
-    class seen (the step recompiles when it grows; give `num_classes` to avoid that).
+    `[0, num_classes)`. With `num_classes=None` the class axis is the largest
+    class seen plus one.
 
     Returns (scores with a leading class axis, `[C, L, d_out]` per module;
-    loss tokens per class `[C]` int32). A class without loss tokens scores 0.
+    loss tokens, or with average="examples" examples, per class `[C]` int32).
+    A class without loss tokens scores 0.
     """
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"num_classes={num_classes}: must be at least 1")
-    modules = _paths(targets)
-    total = _zero_scores(params, modules, num_classes or 0)
-    tokens = jnp.zeros((num_classes or 0,), jnp.int32)
-    for index, batch in enumerate(batches):
-        inputs = _model_inputs(batch, index)
-        classes = _classes(batch, index, inputs["input_ids"].shape[0], num_classes)
-        if num_classes is None and classes.size and classes.max() >= tokens.shape[0]:
-            total, tokens = _grow_classes((total, tokens), int(classes.max()) + 1)
-        total, tokens = _classwise_step(
-            params, total, tokens, inputs, jnp.asarray(classes),
-            cfg=cfg, modules=modules, remat=remat, loss_fn=loss_fn or losses.causal_lm_loss,
-        )
-    denominators = jnp.maximum(tokens, 1).astype(jnp.float32)
-    scores = jax.tree.map(
-        lambda t: jnp.abs(t / denominators.reshape((-1,) + (1,) * (t.ndim - 1))), total)
-    return scores, tokens
+    return _taylor(cfg, params, batches, _paths(targets), form=form, average=average,
+                   classwise=True, num_classes=num_classes, layers_per_pass=layers_per_pass,
+                   remat=remat, loss_fn=loss_fn)
 
 
 def classwise_taylor(
@@ -155,6 +164,9 @@ def classwise_taylor(
     aggregate: str = "quantile_mean",
     num_classes: int | None = None,
     *,
+    form: str = "elementwise",
+    average: str = "tokens",
+    layers_per_pass: int = 1,
     remat=None,
     loss_fn: LossFn | None = None,
 ) -> Scores:
@@ -164,15 +176,93 @@ def classwise_taylor(
         classes, eq. 7), "mean", or "max". Classes without any loss token in
         `batches` are left out of the aggregate.
 
-    See `per_class_taylor` for the batches and the per-class definition.
+    See `per_class_taylor` for the batches and the per-class definition, and
+    `taylor` for `form`, `average` and `layers_per_pass`.
     """
     _check_aggregate(aggregate)
-    per_class, tokens = per_class_taylor(cfg, params, batches, targets, num_classes=num_classes,
-                                         remat=remat, loss_fn=loss_fn)
-    present = np.flatnonzero(np.asarray(tokens) > 0)
+    per_class, counts = per_class_taylor(cfg, params, batches, targets, num_classes=num_classes,
+                                         form=form, average=average,
+                                         layers_per_pass=layers_per_pass, remat=remat,
+                                         loss_fn=loss_fn)
+    present = np.flatnonzero(np.asarray(counts) > 0)
     if present.size == 0:
         raise ValueError("classwise_taylor: the batches hold no loss tokens")
     return _aggregate(jax.tree.map(lambda s: s[present], per_class), aggregate)
+
+
+def _taylor(cfg, params, batches, modules, *, form, average, classwise, num_classes,
+            layers_per_pass, remat, loss_fn):
+    """(scores `[C, L, d_out]` per module, loss tokens or examples per class `[C]`)."""
+    if form not in FORMS:
+        raise ValueError(f"form={form!r}: choose one of {', '.join(map(repr, FORMS))}")
+    if average not in AVERAGES:
+        raise ValueError(f"average={average!r}: choose one of {', '.join(map(repr, AVERAGES))}")
+    options = dict(cfg=cfg, modules=modules, remat=remat, loss_fn=loss_fn, average=average)
+    if form == "row":
+        return _row_taylor(params, batches, classwise=classwise, num_classes=num_classes, **options)
+    if not isinstance(layers_per_pass, (int, np.integer)) or layers_per_pass < 1:
+        raise ValueError(f"layers_per_pass={layers_per_pass!r}: must be a positive integer")
+    return _elementwise_taylor(params, batches, classwise=classwise, num_classes=num_classes,
+                               layers_per_pass=int(layers_per_pass), **options)
+
+
+def _row_taylor(params, batches, *, classwise, num_classes, **options):
+    modules = options["modules"]
+    total = _zero_scores(params, modules, num_classes or 0)
+    counts = jnp.zeros((num_classes or 0,), jnp.int32)
+    for index, batch in enumerate(batches):
+        inputs = _model_inputs(batch, index)
+        if not classwise:
+            total, counts = _taylor_step(params, total, counts, inputs, **options)
+            continue
+        classes = _classes(batch, index, inputs["input_ids"].shape[0], num_classes)
+        if num_classes is None and classes.size and classes.max() >= counts.shape[0]:
+            total, counts = _grow_classes((total, counts), int(classes.max()) + 1)
+        total, counts = _classwise_step(params, total, counts, inputs, jnp.asarray(classes), **options)
+    scores = jax.tree.map(lambda t: jnp.abs(t / _per_class(counts, t.ndim)), total)
+    return scores, counts
+
+
+def _elementwise_taylor(params, batches, *, classwise, num_classes, layers_per_pass, **options):
+    cfg, modules = options["cfg"], options["modules"]
+    outside = [p for p in modules if p[0] != "layers"]
+    if outside:
+        raise ValueError(f"form='elementwise' scores the decoder layers' linears; "
+                         f"{'/'.join(outside[0])} is not one")
+    batches = list(batches)  # read once per pass
+    inputs = [_model_inputs(batch, index) for index, batch in enumerate(batches)]
+    onehots = [np.ones((x["input_ids"].shape[0], 1), np.float32) for x in inputs]
+    if classwise:
+        classes = [_classes(batch, index, x["input_ids"].shape[0], num_classes)
+                   for index, (batch, x) in enumerate(zip(batches, inputs))]
+        if num_classes is None:
+            num_classes = max((int(c.max()) + 1 for c in classes if c.size), default=1)
+        onehots = [np.eye(num_classes, dtype=np.float32)[c] for c in classes]
+    scores = _zero_scores(params, modules, num_classes)
+    counts = None
+    group = min(layers_per_pass, cfg.num_layers)
+    for first in range(0, cfg.num_layers, group):
+        start = min(first, cfg.num_layers - group)  # the last group may overlap the one before
+        grads = {p: jnp.zeros((group, num_classes) + _weight(params, p).shape[1:], jnp.float32)
+                 for p in modules}
+        pass_counts = jnp.zeros((num_classes,), jnp.int32)
+        for x, onehot in zip(inputs, onehots):
+            grads, pass_counts = _elementwise_step(params, grads, pass_counts, x, jnp.asarray(onehot),
+                                                   jnp.int32(start), group=group, **options)
+        counts = pass_counts
+        found = _elementwise_scores(params, grads, counts, jnp.int32(start))
+        scores = nest({p: _leaf_at(scores, p).at[:, start:start + group].set(found[p])
+                       for p in modules})
+    return scores, counts
+
+
+def _per_class(counts, ndim):
+    """Counts `[C]` as divisors broadcasting against `[C, ...]` (1 where a class has none)."""
+    return jnp.maximum(counts, 1).astype(jnp.float32).reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _leaf_at(tree, path):
+    return llama.subtree(tree, *path)
 
 
 def aggregate(per_class_scores, how: str = "quantile_mean"):
@@ -243,37 +333,148 @@ def _unit_scales(params, modules, batch=None):
     return jax.tree.map(lambda d: _UnitScaleDelta(d.scale), scales, is_leaf=delta_lib.is_delta)
 
 
-def _row_derivatives(params, inputs, *, cfg, modules, remat, loss_fn, per_example):
-    """d(summed loss)/d(row scale) per module `[L, d_out]` (or `[L, B, d_out]`), and token counts."""
+@jax.custom_vjp
+def _weight_probe(x: jax.Array, y: jax.Array, probe: jax.Array, classes: jax.Array) -> jax.Array:
+    """`y + x @ probe[c].T` at probe == 0, i.e. `y`; the probe's cotangent is the weight
+    gradient split by class: `sum_b classes[b, c] dy_b^T x_b` (probe, `[C, d_out, d_in]`)."""
+    return y
+
+
+def _weight_probe_fwd(x, y, probe, classes):
+    # x is kept as an SPSFT step keeps it for W_f; nothing else is saved.
+    return y, (x, classes)
+
+
+def _weight_probe_bwd(residuals, dy):
+    x, classes = residuals  # the probe is float32 zeros; classes are zero outside the group
+
+    def gradient():
+        return jnp.einsum("bc,b...o,b...i->coi", classes.astype(dy.dtype), dy, x,
+                          preferred_element_type=jnp.float32)
+
+    shape = (classes.shape[-1], dy.shape[-1], x.shape[-1])
+    grad = jax.lax.cond(jnp.any(classes != 0), gradient, lambda: jnp.zeros(shape, jnp.float32))
+    return jnp.zeros_like(x), dy, grad, jnp.zeros_like(classes)
+
+
+_weight_probe.defvjp(_weight_probe_fwd, _weight_probe_bwd)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _WeightProbe:
+    """Reads the gradient of one linear's weight (per class) off `jax.grad` of `probe`."""
+
+    probe: jax.Array     # [C, d_out, d_in] zeros
+    classes: jax.Array   # [B, C] one-hot class of each example
+
+    def apply(self, x, y):
+        return _weight_probe(x, y, self.probe, self.classes)
+
+
+def _example_losses(cfg, params, h, labels, loss_fn):
+    """(summed loss `[B]`, loss tokens `[B]` int32) per example from final hidden states."""
+    if loss_fn is not None:
+        logits = llama.head(cfg, params, h)
+        return jax.vmap(lambda lg, lb: loss_fn(lg[None], lb[None]))(logits, labels)
+    targets = jnp.pad(labels[:, 1:], ((0, 0), (0, 1)), constant_values=losses.IGNORE_INDEX)
+    token_losses, counts = llama.token_blocks(
+        lambda hy: losses.cross_entropy(llama.head(cfg, params, hy[0]), hy[1]),
+        (h, targets), cfg.chunk_tokens)
+    return token_losses.sum(-1), counts.sum(-1, dtype=jnp.int32)
+
+
+def _mean_loss_numerator(sums, counts, average):
+    """The summed loss to differentiate, and each example's count (tokens or 0/1)."""
+    if average == "tokens":
+        return sums.sum(), counts
+    has_loss = counts > 0
+    return jnp.sum(jnp.where(has_loss, sums / jnp.maximum(counts, 1), 0.0)), has_loss.astype(jnp.int32)
+
+
+def _row_derivatives(params, inputs, *, cfg, modules, remat, loss_fn, average, per_example):
+    """d(summed loss)/d(row scale) per module `[L, d_out]` (or `[L, B, d_out]`), and counts `[B]`."""
     batch_size = inputs["input_ids"].shape[0] if per_example else None
 
     def summed_loss(scales):
-        logits = llama.forward(cfg, params, inputs["input_ids"], inputs["attention_mask"],
-                               scales, remat=remat)
-        if not per_example:
-            return loss_fn(logits, inputs["labels"])
+        h = llama.hidden_states(cfg, params, inputs["input_ids"], inputs["attention_mask"],
+                                scales, remat=remat)
         # Examples are independent, so example b's scales only see example b's loss.
-        sums, counts = jax.vmap(lambda lg, lb: loss_fn(lg[None], lb[None]))(logits, inputs["labels"])
-        return sums.sum(), counts
+        sums, counts = _example_losses(cfg, params, h, inputs["labels"], loss_fn)
+        return _mean_loss_numerator(sums, counts, average)
 
     grads, counts = jax.grad(summed_loss, has_aux=True)(_unit_scales(params, modules, batch_size))
     return nest({path: d.scale for path, d in delta_lib.leaves(grads)}), counts
 
 
-@jax.jit(static_argnames=("cfg", "modules", "remat", "loss_fn"), donate_argnames=("total", "tokens"))
-def _taylor_step(params, total, tokens, inputs, *, cfg, modules, remat, loss_fn):
-    derivatives, count = _row_derivatives(params, inputs, cfg=cfg, modules=modules, remat=remat,
-                                          loss_fn=loss_fn, per_example=False)
-    return jax.tree.map(jnp.add, total, derivatives), tokens + count
+_STATIC = ("cfg", "modules", "remat", "loss_fn", "average")
 
 
-@jax.jit(static_argnames=("cfg", "modules", "remat", "loss_fn"), donate_argnames=("total", "tokens"))
-def _classwise_step(params, total, tokens, inputs, classes, *, cfg, modules, remat, loss_fn):
+@jax.jit(static_argnames=_STATIC, donate_argnames=("total", "tokens"))
+def _taylor_step(params, total, tokens, inputs, *, cfg, modules, remat, loss_fn, average):
     derivatives, counts = _row_derivatives(params, inputs, cfg=cfg, modules=modules, remat=remat,
-                                           loss_fn=loss_fn, per_example=True)
+                                           loss_fn=loss_fn, average=average, per_example=False)
+    return jax.tree.map(lambda t, d: t + d[None], total, derivatives), tokens + counts.sum()
+
+
+@jax.jit(static_argnames=_STATIC, donate_argnames=("total", "tokens"))
+def _classwise_step(params, total, tokens, inputs, classes, *, cfg, modules, remat, loss_fn, average):
+    derivatives, counts = _row_derivatives(params, inputs, cfg=cfg, modules=modules, remat=remat,
+                                           loss_fn=loss_fn, average=average, per_example=True)
     one_hot = jax.nn.one_hot(classes, tokens.shape[0], dtype=jnp.float32)  # [B, C]
     total = jax.tree.map(lambda t, d: t + jnp.einsum("bc,lbo->clo", one_hot, d), total, derivatives)
     return total, tokens + jnp.einsum("bc,b->c", one_hot, counts).astype(jnp.int32)
+
+
+@jax.jit(static_argnames=_STATIC + ("group",), donate_argnames=("grads", "counts"))
+def _elementwise_step(params, grads, counts, inputs, classes, start, *, cfg, modules, remat,
+                      loss_fn, average, group):
+    """Add one batch's summed-loss gradient of the targeted weights of layers
+    [start, start + group) to `grads` (`[group, C, d_out, d_in]` per module).
+
+    One scan over all the stacked layers, as training runs them (slicing the stack
+    would copy the weights): the group's layers read their probe slice, the others
+    get all-zero classes and compute no weight gradient. `start` is traced, so the
+    step compiles once for every group.
+    """
+    ids, labels = inputs["input_ids"], inputs["labels"]
+    positions = llama.default_positions(ids)
+    mask = inputs["attention_mask"]
+    valid = jnp.ones(ids.shape, bool) if mask is None else mask.astype(bool)
+    h = llama.embed(params, ids)
+    cos, sin = llama.rope_tables(cfg, positions, h.dtype)
+    allowed = llama.attention_mask_2d(positions, positions, valid)
+
+    def summed_loss(probes):
+        def body(h, layer_and_index):
+            layer, i = layer_and_index
+            inside = (i >= start) & (i < start + group)
+            slot = jnp.clip(i - start, 0, group - 1)
+            mix = classes * inside.astype(classes.dtype)
+            probe_delta = nest({p[1:]: _WeightProbe(
+                jax.lax.dynamic_index_in_dim(probes[p], slot, keepdims=False), mix) for p in modules})
+            return llama.decoder_layer(cfg, layer, probe_delta, h, cos, sin, allowed), None
+
+        x, _ = jax.lax.scan(llama.remat_layer(body, remat), h,
+                            (params["layers"], jnp.arange(cfg.num_layers)))
+        sums, per_example = _example_losses(cfg, params, x, labels, loss_fn)
+        return _mean_loss_numerator(sums, per_example, average)
+
+    zeros = {p: jnp.zeros_like(g) for p, g in grads.items()}
+    batch_grads, per_example = jax.grad(summed_loss, has_aux=True)(zeros)
+    grads = {p: grads[p] + batch_grads[p] for p in modules}
+    return grads, counts + jnp.einsum("bc,b->c", classes, per_example).astype(jnp.int32)
+
+
+@jax.jit
+def _elementwise_scores(params, grads, counts, start):
+    """sum_j |w_ij g_ij| per class from the summed gradients `[g, C, d_out, d_in]`: `[C, g, d_out]`."""
+    out = {}
+    for path, g in grads.items():
+        w = jax.lax.dynamic_slice_in_dim(_weight(params, path), start, g.shape[0]).astype(jnp.float32)
+        summed = jnp.sum(jnp.abs(w[:, None] * g), axis=-1)           # [g, C, d_out]
+        out[path] = jnp.swapaxes(summed, 0, 1) / _per_class(counts, 3)
+    return out
 
 
 def _grow_classes(tree, num_classes):
@@ -296,10 +497,10 @@ def _weight(params, path) -> jax.Array:
     return module["weight"]
 
 
-def _zero_scores(params, modules, num_classes: int | None = None) -> Scores:
-    """Float32 zeros `[L, d_out]` per module (`[C, L, d_out]` with a class axis)."""
-    lead = () if num_classes is None else (num_classes,)
-    return nest({p: jnp.zeros(lead + _weight(params, p).shape[:-1], jnp.float32) for p in modules})
+def _zero_scores(params, modules, num_classes: int) -> Scores:
+    """Float32 zeros `[C, L, d_out]` per module."""
+    return nest({p: jnp.zeros((num_classes,) + _weight(params, p).shape[:-1], jnp.float32)
+                 for p in modules})
 
 
 def _model_inputs(batch: Mapping[str, Any], index: int) -> dict[str, jax.Array | None]:

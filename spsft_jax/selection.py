@@ -13,7 +13,13 @@ A selection is plain data with the nesting of the scores it came from
     select(scores, rank=8)                           top-8 rows per module per layer (the LLM setting)
     select(scores, ratio=0.05, cfg=cfg)              5% of the targeted weights' parameters
     select(scores, rank=8, scope="global", cfg=cfg)  the same budget, ranked over all modules and layers
+    select(scores, rank=8, cfg=cfg, dependency=True) whole MLP channels and attention heads
     save(path, selection, model=..., targets=..., metric=...);  load(path) -> (selection, metadata)
+
+A dependency selection (paper sec. 4.3, appendix B) holds `"cols": int32 [L, c]`
+(with its `"mask"`) for the modules whose input columns are selected (`down_proj`,
+`o_proj`) and `"rows"` for the others; `delta.rows_from_selection` makes column
+deltas of the former.
 
 With a mask, a layer keeping fewer than r rows is padded at the end by repeating its
 last real row (row 0 when it keeps none), mask False there, so `rows` stays sorted.
@@ -38,6 +44,7 @@ FORMAT = "spsft-jax/selection"
 FORMAT_VERSION = "1"
 SCOPES = ("layer", "global")
 NORMALIZATIONS = ("none", "module", "layer")
+GROUP_REDUCTIONS = ("sum", "mean", "max")
 
 
 # --------------------------------------------------------------------------- selecting
@@ -52,6 +59,8 @@ def select(
     cfg: LlamaConfig | None = None,
     params_per_row: Mapping[str, Any] | int | None = None,
     normalize: str = "none",
+    dependency: bool = False,
+    group_reduce: str = "sum",
 ) -> Selection:
     """The highest-scoring rows of every module in `scores` (one of `rank`, `ratio`).
 
@@ -68,6 +77,24 @@ def select(
     normalize (scope "global" only): "none" ranks raw scores; "module" divides each
         module's scores by their mean over all its layers, "layer" by their mean in
         each layer, so modules of different scale compete on relative importance.
+
+    dependency: select whole dependency groups (needs `cfg`, scope "layer"): an MLP
+        channel c is row c of gate_proj and up_proj and column c of down_proj; an
+        attention head h is its head_dim rows of q_proj, the rows of its key-value
+        head in k_proj and v_proj (shared by the heads of a GQA group) and its
+        head_dim columns of o_proj. Only modules present in `scores` take part.
+        `rank` counts MLP channels per layer, and heads as round(rank / head_dim)
+        (at least 1); `ratio` keeps round(ratio * n) of the n channels and heads of
+        each layer. Each group costs its members' parameters, so the trainable
+        count then matches plain SPSFT's at the same ratio (the paper halves its
+        ratio because each of its layers gets both a row and a column delta; here
+        each module gets one of the two). Heads sharing a key-value head share its
+        rows, so k/v may train fewer rows than their heads' share.
+    group_reduce: how a group's score comes from its members' row scores: "sum"
+        (default), "mean" or "max". Columns have no row score of their own, so
+        down_proj and o_proj do not vote. Groups rank only against groups of the same
+        kind in the same layer, which all have the same members, so no normalisation
+        across module sizes is needed; "mean" divides by the member-row count.
 
     Ties go to the lower row index (a stable sort); in global scope to the earlier
     module (sorted by path), then the lower layer. A module whose every layer keeps
@@ -91,6 +118,13 @@ def select(
         raise ValueError(f"ratio={ratio!r}: must lie in (0, 1]")
 
     flat = _flat_scores(scores)
+    if dependency:
+        if cfg is None or scope != "layer":
+            raise ValueError("select(dependency=True) needs cfg= and scope='layer'")
+        if group_reduce not in GROUP_REDUCTIONS:
+            raise ValueError(f"group_reduce={group_reduce!r}: choose one of "
+                             f"{', '.join(map(repr, GROUP_REDUCTIONS))}")
+        return _dependency_groups(flat, cfg, rank=rank, ratio=ratio, reduce=group_reduce)
     if scope == "layer":
         picked = {path: _top_rows(path, s, rank if rank is not None else _ratio_rank(ratio, s))
                   for path, s in flat.items()}
@@ -102,6 +136,66 @@ def select(
         picked = _global_rows(flat, costs or {p: 1 for p in flat}, rank=rank, ratio=ratio,
                               normalize=normalize)
     return nest({path: _rows_entry(kept) for path, kept in picked.items() if any(map(len, kept))})
+
+
+_MLP_ROWS, _MLP_COLS = ("gate_proj", "up_proj"), "down_proj"
+_HEAD_ROWS, _KV_ROWS, _HEAD_COLS = "q_proj", ("k_proj", "v_proj"), "o_proj"
+
+
+def _dependency_groups(flat, cfg: LlamaConfig, *, rank, ratio, reduce) -> Selection:
+    """Top MLP channels and attention heads per layer, as rows and columns of their members."""
+    by_name = {path[-1]: (path, s) for path, s in flat.items()}
+    unknown = [n for n in by_name if n not in cfg.linear_shapes()]
+    if unknown:
+        raise ValueError(f"dependency groups cover the decoder linears; scores also hold {unknown[0]}")
+    picked: dict[Path, tuple[str, list[np.ndarray]]] = {}
+    hd, group = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+
+    def reduce_over(members):  # members: [L, n_groups, rows per group] each
+        stacked = np.concatenate(members, axis=-1)
+        return {"sum": stacked.sum(-1), "mean": stacked.mean(-1), "max": stacked.max(-1)}[reduce]
+
+    def top(group_scores, count, what):
+        if count > group_scores.shape[-1]:
+            raise ValueError(f"dependency groups: {count} {what} per layer, the model has "
+                             f"{group_scores.shape[-1]}")
+        return [np.sort(np.argsort(-g, kind="stable")[:count]) for g in group_scores]
+
+    rows_mlp = [by_name[n] for n in _MLP_ROWS if n in by_name]
+    if rows_mlp or _MLP_COLS in by_name:
+        if not rows_mlp:
+            raise ValueError("dependency groups: MLP channels are scored by gate_proj/up_proj rows; "
+                             "scores hold only down_proj")
+        channels = reduce_over([s[..., None] for _, s in rows_mlp])
+        n = cfg.intermediate_size
+        kept = top(channels, rank if rank is not None else _ratio_rank(ratio, np.empty(n)), "channels")
+        for path, _ in rows_mlp:
+            picked[path] = ("rows", kept)
+        if _MLP_COLS in by_name:
+            picked[by_name[_MLP_COLS][0]] = ("cols", kept)
+
+    kv = [by_name[n] for n in _KV_ROWS if n in by_name]
+    if _HEAD_ROWS in by_name or kv or _HEAD_COLS in by_name:
+        members = []
+        if _HEAD_ROWS in by_name:
+            q = by_name[_HEAD_ROWS][1]
+            members.append(q.reshape(q.shape[0], cfg.num_heads, hd))
+        for _, s in kv:  # each query head sees its key-value head's rows
+            members.append(np.repeat(s.reshape(s.shape[0], cfg.num_kv_heads, hd), group, axis=1))
+        if not members:
+            raise ValueError("dependency groups: heads are scored by q/k/v rows; scores hold only o_proj")
+        heads = reduce_over(members)
+        count = max(1, round(rank / hd)) if rank is not None else _ratio_rank(ratio, np.empty(cfg.num_heads))
+        kept = top(heads, count, "heads")
+        head_rows = [(h[:, None] * hd + np.arange(hd)).ravel() for h in kept]
+        for name in (_HEAD_ROWS, _HEAD_COLS):
+            if name in by_name:
+                picked[by_name[name][0]] = ("rows" if name == _HEAD_ROWS else "cols", head_rows)
+        kv_rows = [(np.unique(h // group)[:, None] * hd + np.arange(hd)).ravel() for h in kept]
+        for path, _ in kv:
+            picked[path] = ("rows", kv_rows)
+    return nest({path: _rows_entry(kept, key) for path, (key, kept) in picked.items()
+                 if any(map(len, kept))})
 
 
 def _flat_scores(scores) -> dict[Path, np.ndarray]:
@@ -186,8 +280,9 @@ def _normalized(s: np.ndarray, how: str) -> np.ndarray:
     return s / np.where(mean > 0, mean, 1.0)  # all-zero scores stay zero
 
 
-def _rows_entry(kept: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """`{"rows": [L, r]}`, plus `"mask"` padded as in the module docstring when counts differ."""
+def _rows_entry(kept: list[np.ndarray], key: str = "rows") -> dict[str, np.ndarray]:
+    """`{key: [L, r]}` ("rows" or "cols"), plus `"mask"` padded as in the module
+    docstring when counts differ."""
     width = max(len(k) for k in kept)
     rows = np.zeros((len(kept), width), np.int32)
     mask = np.zeros((len(kept), width), bool)
@@ -195,7 +290,7 @@ def _rows_entry(kept: list[np.ndarray]) -> dict[str, np.ndarray]:
         rows[layer, :len(k)] = k
         rows[layer, len(k):] = k[-1] if len(k) else 0
         mask[layer, :len(k)] = True
-    return {"rows": rows} if mask.all() else {"rows": rows, "mask": mask}
+    return {key: rows} if mask.all() else {key: rows, "mask": mask}
 
 
 # --------------------------------------------------------------------------- counting
@@ -205,9 +300,15 @@ def num_selected_params(selection: Selection, cfg: LlamaConfig) -> int:
     """Trainable weights of a selection: real (unmasked) rows times each module's d_in."""
     total = 0
     for path, entry in _entries(selection):
-        real = int(np.sum(entry["mask"])) if "mask" in entry else int(np.size(entry["rows"]))
-        total += real * _d_in(cfg, path)
+        key = _index_key(entry)
+        real = int(np.sum(entry["mask"])) if "mask" in entry else int(np.size(entry[key]))
+        # A row costs the module's d_in, a column its d_out.
+        total += real * (_d_in(cfg, path) if key == "rows" else cfg.linear_shapes()[path[-1]][0])
     return total
+
+
+def _index_key(entry) -> str:
+    return "cols" if "cols" in entry else "rows"
 
 
 def _d_in(cfg: LlamaConfig, path: Path) -> int:
@@ -260,8 +361,8 @@ def save(
 
     tensors = {}
     for module, entry in _entries(selection):
-        name = "/".join(module)
-        tensors[f"{name}/rows"] = np.ascontiguousarray(entry["rows"], np.int32)
+        name, key = "/".join(module), _index_key(entry)
+        tensors[f"{name}/{key}"] = np.ascontiguousarray(entry[key], np.int32)
         if "mask" in entry:
             tensors[f"{name}/mask"] = np.ascontiguousarray(entry["mask"], bool)
     info = {"format": FORMAT, "format_version": FORMAT_VERSION}
@@ -321,24 +422,27 @@ def load(path: str | os.PathLike, *, cfg: LlamaConfig | None = None) -> tuple[Se
     flat: dict[Path, dict[str, np.ndarray]] = {}
     for name, value in tensors.items():
         *module, kind = name.split("/")
-        if not module or kind not in ("rows", "mask"):
+        if not module or kind not in ("rows", "cols", "mask"):
             raise ValueError(f"{path}: tensor {name!r}: names must be a module path ending "
-                             f"in /rows or /mask")
+                             f"in /rows, /cols or /mask")
         flat.setdefault(tuple(module), {})[kind] = value
     for module, entry in flat.items():
         _check_entry(f"{path}: tensor {'/'.join(module)}", module, entry, cfg)
-        entry["rows"] = entry["rows"].astype(np.int32)
+        entry[_index_key(entry)] = entry[_index_key(entry)].astype(np.int32)
     return nest(flat), info
 
 
 def _check_entry(where: str, module: Path, entry: Mapping[str, np.ndarray], cfg) -> None:
-    if "rows" not in entry:
+    if "rows" not in entry and "cols" not in entry:
         raise ValueError(f"{where}/mask: has no matching /rows tensor")
-    rows = entry["rows"]
+    if "rows" in entry and "cols" in entry:
+        raise ValueError(f"{where}: holds both /rows and /cols")
+    key = _index_key(entry)
+    rows = entry[key]
     if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer):
-        raise ValueError(f"{where}/rows: expected integer [layers, r], got {rows.dtype} {rows.shape}")
+        raise ValueError(f"{where}/{key}: expected integer [layers, r], got {rows.dtype} {rows.shape}")
     if rows.size and rows.min() < 0:
-        raise ValueError(f"{where}/rows: negative row index {rows.min()}")
+        raise ValueError(f"{where}/{key}: negative {key[:-1]} index {rows.min()}")
     if "mask" in entry and (entry["mask"].dtype != bool or entry["mask"].shape != rows.shape):
         raise ValueError(f"{where}/mask: expected bool {rows.shape}, got "
                          f"{entry['mask'].dtype} {entry['mask'].shape}")
@@ -349,9 +453,10 @@ def _check_entry(where: str, module: Path, entry: Mapping[str, np.ndarray], cfg)
         raise ValueError(f"{where}/rows: {'/'.join(module)} is not a per-layer linear of the config")
     if rows.shape[0] != cfg.num_layers:
         raise ValueError(f"{where}/rows: {rows.shape[0]} layers, the config has {cfg.num_layers}")
-    d_out = shapes[module[-1]][0]
+    d_out = shapes[module[-1]][0 if key == "rows" else 1]
     if rows.size and rows.max() >= d_out:
-        raise ValueError(f"{where}/rows: row {rows.max()} is out of range (the module has {d_out})")
+        raise ValueError(f"{where}/{key}: {key[:-1]} {rows.max()} is out of range "
+                         f"(the module has {d_out})")
 
 
 # --------------------------------------------------------------------------- pytree helpers
@@ -361,6 +466,6 @@ def _entries(selection, path: Path = ()) -> list[tuple[Path, Mapping[str, np.nda
     """(module path, {"rows", "mask"?}) for every module of a selection."""
     if not isinstance(selection, Mapping):
         raise TypeError(f"selection{''.join(f'[{k!r}]' for k in path)}: expected a dict")
-    if "rows" in selection:
+    if "rows" in selection or "cols" in selection:
         return [(path, selection)]
     return [item for key in selection for item in _entries(selection[key], path + (key,))]

@@ -9,9 +9,14 @@ ones acting as constants. Activation memory therefore scales with k, not T.
 
 Arrays in and out (B batch, T sequence, k selected per row):
 
-    indices, valid = select_tokens(key, attention_mask [B, T], k, prefer=None)
+    indices, valid = sample_tokens(key, attention_mask [B, T], fraction)
+        TokenTune's own sampling: each row keeps int(fraction * (len - 2)) + 2 of its
+        len real tokens (the first, the last, the rest uniformly at random from the
+        middle); k = that count for the padded length T keeps the shape static.
         indices: [B, k] int32, ascending, distinct; valid: [B, k] bool, False where
-        a row had fewer than k real tokens and a padding position filled the slot
+        a row keeps fewer than k tokens and a padding position filled the slot
+    indices, valid = select_tokens(key, attention_mask, k, prefer=None)
+        the lower-level choice: k per row, real tokens first
     logits = forward(cfg, params, input_ids [B, T], indices, attention_mask, delta)
         logits: [B, T, vocab], as `llama.forward`; gradients flow from the selected
         positions' logits only
@@ -25,9 +30,7 @@ Arrays in and out (B batch, T sequence, k selected per row):
 
 A training step:
 
-    k = num_selected(T, 0.25)
-    indices, valid = select_tokens(key, batch["attention_mask"], k,
-                                   prefer=loss_bearing(batch["labels"]))
+    indices, valid = sample_tokens(key, batch["attention_mask"], 0.25)
     loss_sum, count = selected_causal_lm_loss(cfg, params, batch["input_ids"], indices,
                                               batch["labels"], batch["attention_mask"],
                                               delta, valid=valid)
@@ -40,6 +43,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from spsft_jax import llama
 from spsft_jax.llama import LlamaConfig, Params, subtree
@@ -77,6 +81,48 @@ def num_selected(seq_len: int, fraction_or_count: float | int) -> int:
     return min(seq_len, max(2, count))
 
 
+def num_slots(seq_len: int, fraction_or_count: float | int) -> int:
+    """Static slots per row for `sample_tokens`: what a row of `seq_len` real tokens keeps.
+
+    >>> [num_slots(512, 0.25), num_slots(512, 1.0), num_slots(512, 64), num_slots(10, 0.01)]
+    [129, 512, 64, 2]
+    """
+    num_selected(seq_len, fraction_or_count)  # validates the argument
+    if isinstance(fraction_or_count, numbers.Integral):
+        return min(seq_len, int(fraction_or_count))
+    return min(seq_len, int(float(fraction_or_count) * (seq_len - 2)) + 2)
+
+
+def row_counts(attention_mask: jax.Array, fraction_or_count: float | int) -> jax.Array:
+    """`[B]` int32 tokens each row keeps, from its real length n (TokenTune's reference):
+    `int(fraction * (n - 2)) + 2` (a count c: `min(c, n)`), never more than n."""
+    num_selected(attention_mask.shape[1], fraction_or_count)  # validates the argument
+    lengths = attention_mask.astype(jnp.int32).sum(axis=1)
+    if isinstance(fraction_or_count, numbers.Integral):
+        return jnp.minimum(lengths, int(fraction_or_count))
+    # A table over every possible length, in Python floats as the reference computes it.
+    f = float(fraction_or_count)
+    table = np.array([min(n, int(f * (n - 2)) + 2) for n in range(attention_mask.shape[1] + 1)],
+                     np.int32)
+    return jnp.asarray(table)[lengths]
+
+
+def sample_tokens(key: jax.Array, attention_mask: jax.Array, fraction_or_count: float | int, *,
+                  prefer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """TokenTune's sampling: per row, `row_counts` tokens: the first and last real token
+    and uniformly random ones between them. Shapes are static: k = `num_slots(T, ...)`,
+    and the slots a shorter row does not use hold padding positions with valid False.
+
+    prefer: optional `[B, T]` bool (e.g. `loss_bearing(labels)`): draw the middle
+        tokens from these first. A departure from TokenTune, which draws uniformly
+        (prompt tokens then never carry gradient through their keys and values).
+    Returns (indices [B, k] int32 ascending, valid [B, k] bool).
+    """
+    k = num_slots(attention_mask.shape[1], fraction_or_count)
+    counts = row_counts(attention_mask, fraction_or_count)
+    return select_tokens(key, attention_mask, k, prefer=prefer, counts=counts)
+
+
 def loss_bearing(labels: jax.Array) -> jax.Array:
     """`[B, T]` bool: the positions whose logits carry loss (labels[t + 1] != -100).
 
@@ -87,9 +133,14 @@ def loss_bearing(labels: jax.Array) -> jax.Array:
 
 
 def select_tokens(
-    key: jax.Array, attention_mask: jax.Array, k: int, *, prefer: jax.Array | None = None
+    key: jax.Array, attention_mask: jax.Array, k: int, *, prefer: jax.Array | None = None,
+    counts: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Choose k positions per row to backpropagate through, uniformly at random.
+
+    counts: optional `[B]` int, at most k: row b keeps exactly counts[b] real tokens
+    (its first and last, then random middle ones, from `prefer` first), and its other
+    slots take padding positions, valid False (see `sample_tokens`). Without it:
 
     Priority, highest first: the first and the last real token of each row (always
     kept), real tokens where `prefer` is True, other real tokens, padding. Within a
@@ -110,9 +161,22 @@ def select_tokens(
     last = t - 1 - jnp.argmax(real[:, ::-1], axis=1)
     ends = real & ((positions == first[:, None]) | (positions == last[:, None]))
     preferred = real if prefer is None else real & prefer.astype(bool)
+    draw = jax.random.uniform(key, (b, t))
+    if counts is not None:
+        middle = real & ~ends
+        # Rank the middle tokens of each row by a random draw (preferred ones first) and
+        # keep as many as the row's count leaves after its ends.
+        order = jnp.where(middle, draw + preferred, -1.0)
+        rank = jnp.argsort(jnp.argsort(-order, axis=1, stable=True), axis=1, stable=True)
+        wanted = counts.astype(jnp.int32) - ends.sum(axis=1)
+        keep = ends | (middle & (rank < wanted[:, None]))
+        # Kept tokens first, then padding; real tokens left out only if nothing else fits.
+        _, chosen = jax.lax.top_k(2.0 * keep + ~real, k)
+        indices = jnp.sort(chosen, axis=1).astype(jnp.int32)
+        return indices, jnp.take_along_axis(keep, indices, axis=1)
     # Integer tier plus a uniform draw in [0, 1): top-k takes whole tiers first, random within.
     tier = real.astype(jnp.float32) + preferred + 2.0 * ends
-    score = tier + jax.random.uniform(key, (b, t))
+    score = tier + draw
     _, chosen = jax.lax.top_k(score, k)
     indices = jnp.sort(chosen, axis=1).astype(jnp.int32)
     return indices, jnp.take_along_axis(real, indices, axis=1)

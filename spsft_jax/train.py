@@ -47,6 +47,9 @@ class TrainConfig:
     remat: None or a policy name of `llama.REMAT_POLICIES` for the scanned layer body.
     tokentune: fraction (0, 1] or count of tokens to backpropagate through; None for all.
     tokentune_loss: "selected" (loss on the selected positions, as TokenTune) or "all".
+    tokentune_prefer: None (TokenTune's sampling: first, last and uniformly random tokens,
+        `int(f * (len - 2)) + 2` per row) or "loss": draw the random tokens from the
+        loss-bearing positions first (a departure from TokenTune).
     """
 
     steps: int = 20
@@ -63,6 +66,7 @@ class TrainConfig:
     tokentune: float | None = None
     tokentune_loss: str = "selected"
     seed: int = 0
+    tokentune_prefer: str | None = None
 
     def __post_init__(self):
         if self.steps < 1:
@@ -77,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"tokentune={self.tokentune}: a fraction in (0, 1] or a token count")
         if self.tokentune_loss not in ("selected", "all"):
             raise ValueError(f"tokentune_loss={self.tokentune_loss!r}: 'selected' or 'all'")
+        if self.tokentune_prefer not in (None, "loss"):
+            raise ValueError(f"tokentune_prefer={self.tokentune_prefer!r}: None or 'loss'")
 
     @property
     def warmup_steps(self) -> int:
@@ -138,11 +144,14 @@ def prepare(
     tune_norms: bool = False,
     tune_bias: bool = False,
     key: jax.Array | None = None,
+    dropout: float = 0.0,
 ) -> tuple[dict, dict]:
     """Build the (trainable, frozen) pair for a method.
 
-    spsft: zero W_f on the selected rows (`selection` from `spsft_jax.selection.select`).
-    lora:  LoRA of `rank` (alpha defaults to rank) on `targets`.
+    spsft: zero W_f on the selected rows (`selection` from `spsft_jax.selection.select`);
+           a dependency selection's `cols` entries become column deltas.
+    lora:  LoRA of `rank` (alpha defaults to rank; the paper's baseline: alpha 16,
+           dropout 0.1) on `targets`.
     dense: every parameter trains. head: only the LM head trains.
     tune_norms adds norm-weight deltas (and tune_bias bias deltas) to spsft and lora.
     """
@@ -155,7 +164,8 @@ def prepare(
             raise ValueError("method='spsft' needs a selection (see spsft_jax.selection.select)")
         delta = deltas.rows_from_selection(params, selection, bias=tune_bias)
     elif method == "lora":
-        delta = deltas.lora(params, llama.module_paths(targets), key, rank=rank, alpha=alpha)
+        delta = deltas.lora(params, llama.module_paths(targets), key, rank=rank, alpha=alpha,
+                            dropout=dropout)
     if tune_norms and method in ("spsft", "lora"):
         delta = deltas.union(delta, deltas.norms(params))
     trained_delta, fixed_delta = deltas.split(delta)
@@ -203,6 +213,8 @@ def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, ke
     """(summed token loss, number of loss tokens) for one micro-batch."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     segments = batch.get("segment_ids")  # packed rows: attention stays inside each example
+    if key is not None:  # LoRA dropout draws from the step's key
+        delta = deltas.with_dropout_keys(delta, jax.random.fold_in(key, 1))
     if tc.tokentune is None:
         h = llama.hidden_states(cfg, params, ids, mask, delta, segment_ids=segments, remat=tc.remat)
         return chunked_causal_lm_loss(lambda x: llama.head(cfg, params, x, delta), h, labels,
@@ -211,8 +223,9 @@ def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, ke
 
     if segments is not None:
         raise NotImplementedError("tokentune with packed batches (segment_ids) is not supported")
-    k = tokentune.num_selected(ids.shape[1], tc.tokentune)
-    indices, valid = tokentune.select_tokens(key, mask, k, prefer=tokentune.loss_bearing(labels))
+    prefer = tokentune.loss_bearing(labels) if tc.tokentune_prefer == "loss" else None
+    fraction = int(tc.tokentune) if tc.tokentune > 1 else float(tc.tokentune)
+    indices, valid = tokentune.sample_tokens(key, mask, fraction, prefer=prefer)
     if tc.tokentune_loss == "selected":
         return tokentune.selected_causal_lm_loss(cfg, params, ids, indices, labels, mask, delta,
                                                  valid=valid, remat=tc.remat)
@@ -335,6 +348,7 @@ def finetune(
     targets: Any = "all-linear",
     rank: int = 8,
     alpha: float | None = None,
+    dropout: float = 0.0,
     tune_norms: bool = False,
     tune_bias: bool = False,
     tokentune: float | None = None,
@@ -355,6 +369,7 @@ def finetune(
         (`[batch, seq]`, labels -100 where no loss). A list is cycled; an iterator ends
         training early when exhausted.
     method: "spsft", "lora", "dense" or "head".
+    alpha, dropout: LoRA's scale numerator and input dropout (the paper's baseline: 16, 0.1).
     tokentune: fraction (or count) of tokens to backpropagate through (TokenTune).
     mesh: a `jax.sharding.Mesh`; batches are split over its first axis (data parallel),
         parameters replicated.
@@ -367,7 +382,7 @@ def finetune(
                      **train_options)
     trainable, frozen = prepare(params, selection, method=method, targets=targets, rank=rank,
                                 alpha=alpha, tune_norms=tune_norms, tune_bias=tune_bias,
-                                key=jax.random.key(tc.seed))
+                                key=jax.random.key(tc.seed), dropout=dropout)
     # A float32 copy: the step donates it, and the caller's parameters must survive.
     trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable)
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable["params"])) + deltas.num_trainable(

@@ -23,7 +23,7 @@ def _row(rows, method, tokentune=None):
 
 def test_rows_have_the_documented_fields(rows):
     assert {r["method"] for r in rows} >= {"inference", "dense", "head", "lora", "spsft",
-                                           "lora-mlp", "spsft-mlp", "taylor"}
+                                           "lora-mlp", "spsft-mlp", "taylor", "taylor-elementwise"}
     for r in rows:
         assert FIELDS <= r.keys()
         assert r["setting"] == "tiny" and r["mem_bytes"] > 0
@@ -48,6 +48,9 @@ def test_memory_orderings(rows):
             assert r["mem_bytes"] > inference
             assert r["ttl_over_m"] == pytest.approx(r["mem_bytes"] / inference)
     assert _row(rows, "dense")["mem_bytes"] > _row(rows, "spsft")["mem_bytes"]
+    # Element-wise Taylor holds one layer's weight gradient, never the model's.
+    assert (_row(rows, "taylor")["mem_bytes"] < _row(rows, "taylor-elementwise")["mem_bytes"]
+            < _row(rows, "dense")["mem_bytes"])
     assert _row(rows, "spsft", 0.5)["temp_bytes"] < _row(rows, "spsft")["temp_bytes"]
 
 
@@ -61,3 +64,8 @@ def test_cli_bench_prints_one_json_object_per_line(monkeypatch, capsys):
     assert [(r["method"], r["remat"]) for r in records] == [
         ("inference", None), ("spsft", None), ("inference", "full"), ("spsft", "full")]
     assert all(FIELDS <= r.keys() and r["step_s"] is None for r in records)
+
+
+def test_dependency_row_matches_plain_trainable_parameters(rows):
+    assert (_row(rows, "spsft-mlp-dep")["trainable_params"]
+            == pytest.approx(_row(rows, "spsft-mlp")["trainable_params"], rel=0.1))

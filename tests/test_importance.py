@@ -96,7 +96,7 @@ def test_causal_lm_loss_matches_a_log_softmax_reference():
     assert float(losses.mean_causal_lm_loss(logits, jnp.full_like(labels, -100))) == 0.0
 
 
-# --------------------------------------------------------------------------- magnitude and Taylor
+# --------------------------------------------------------------------------- magnitude and Taylor (row form)
 
 
 def test_magnitude_is_the_l2_norm_of_each_row(params):
@@ -113,7 +113,7 @@ def test_magnitude_is_the_l2_norm_of_each_row(params):
 
 @pytest.fixture(scope="module")
 def taylor_scores(params):
-    return importance.taylor(CFG, params, iter(BATCHES))  # a one-pass iterator is enough
+    return importance.taylor(CFG, params, iter(BATCHES), form="row")  # one pass is enough
 
 
 def test_taylor_equals_the_dense_gradient_reference(params, taylor_scores):
@@ -127,7 +127,7 @@ def test_taylor_equals_the_dense_gradient_reference(params, taylor_scores):
 
 def test_taylor_takes_the_absolute_value_after_accumulating(params, taylor_scores):
     # Scores of the data set are not the token-weighted mean of per-batch scores.
-    parts = [importance.taylor(CFG, params, [b]) for b in BATCHES]
+    parts = [importance.taylor(CFG, params, [b], form="row") for b in BATCHES]
     weights = [_loss_tokens_per_example(b).sum() for b in BATCHES]
     for path in PATHS:
         mean_of_abs = sum(w * _leaf(p, path) for w, p in zip(weights, parts)) / sum(weights)
@@ -137,10 +137,10 @@ def test_taylor_takes_the_absolute_value_after_accumulating(params, taylor_score
 
 def test_taylor_compiles_once_per_batch_shape_and_remat_agrees(params, taylor_scores):
     compiled = importance._taylor_step._cache_size()
-    again = importance.taylor(CFG, params, BATCHES[::-1] + BATCHES)
+    again = importance.taylor(CFG, params, BATCHES[::-1] + BATCHES, form="row")
     assert importance._taylor_step._cache_size() == compiled
-    one_batch = importance.taylor(CFG, params, BATCHES[:1])
-    rematted = importance.taylor(CFG, params, BATCHES[:1], remat="full")
+    one_batch = importance.taylor(CFG, params, BATCHES[:1], form="row")
+    rematted = importance.taylor(CFG, params, BATCHES[:1], remat="full", form="row")
     for path in PATHS:  # scores are |sums| that cancel: compare relative to the largest
         scale = _leaf(taylor_scores, path).max()
         np.testing.assert_allclose(_leaf(again, path), _leaf(taylor_scores, path), atol=1e-5 * scale)
@@ -164,7 +164,8 @@ CLASS_BATCHES = [_batch(1, 2, 10, pad=3, classes=[2, 0]), _batch(2, 3, 7, classe
 
 @pytest.fixture(scope="module")
 def per_class(params):
-    return importance.per_class_taylor(CFG, params, CLASS_BATCHES, num_classes=NUM_CLASSES)
+    return importance.per_class_taylor(CFG, params, CLASS_BATCHES, num_classes=NUM_CLASSES,
+                                       form="row")
 
 
 def test_per_class_taylor_equals_dense_references_per_class(params, per_class):
@@ -185,7 +186,7 @@ def test_per_class_taylor_equals_dense_references_per_class(params, per_class):
 @pytest.mark.parametrize("how", importance.AGGREGATES)
 def test_classwise_taylor_aggregates_the_present_classes(params, per_class, how):
     scores = importance.classwise_taylor(CFG, params, CLASS_BATCHES, aggregate=how,
-                                         num_classes=NUM_CLASSES)
+                                         num_classes=NUM_CLASSES, form="row")
     for path in PATHS:
         present = _leaf(per_class[0], path)[:3].astype(np.float64)
         expected = {"mean": present.mean(0), "max": present.max(0),
@@ -196,10 +197,11 @@ def test_classwise_taylor_aggregates_the_present_classes(params, per_class, how)
 def test_one_class_gives_plain_taylor_and_the_class_axis_grows(params):
     # Every example in class 3 with num_classes unknown: the class axis grows to 4.
     one_class = [{**b, "classes": np.full(len(b["input_ids"]), 3, np.int32)} for b in CLASS_BATCHES]
-    scores, tokens = importance.per_class_taylor(CFG, params, one_class)
+    scores, tokens = importance.per_class_taylor(CFG, params, one_class, form="row")
     assert tokens.shape == (NUM_CLASSES,) and int(tokens[:3].sum()) == 0
-    plain = importance.taylor(CFG, params, CLASS_BATCHES)
-    classwise = importance.classwise_taylor(CFG, params, one_class, aggregate="quantile_mean")
+    plain = importance.taylor(CFG, params, CLASS_BATCHES, form="row")
+    classwise = importance.classwise_taylor(CFG, params, one_class, aggregate="quantile_mean",
+                                            form="row")
     for path in PATHS:
         scale = _leaf(plain, path).max()
         np.testing.assert_allclose(_leaf(scores, path)[3], _leaf(plain, path), atol=1e-5 * scale)
