@@ -82,7 +82,7 @@ def taylor(
     *,
     form: str = "elementwise",
     average: str = "tokens",
-    layers_per_pass: int = 1,
+    layers_per_pass: int | None = None,
     remat=None,
     loss_fn: LossFn | None = None,
 ) -> Scores:
@@ -99,7 +99,8 @@ def taylor(
         examples without a loss token are left out).
     layers_per_pass ("elementwise" only): decoder layers whose weight gradient is
         held at once; the data are read ceil(num_layers / layers_per_pass) times.
-        Larger groups trade memory for fewer passes.
+        Larger groups trade memory for fewer passes. None: a quarter of the layers
+        (at most four passes); 1 holds the least.
 
     batches: an iterable of dicts with int32 `input_ids`, `labels` and optionally
         `attention_mask`, all `[B, T]`. The row form reads it once, one batch at a
@@ -130,7 +131,7 @@ def per_class_taylor(
     num_classes: int | None = None,
     form: str = "elementwise",
     average: str = "tokens",
-    layers_per_pass: int = 1,
+    layers_per_pass: int | None = None,
     remat=None,
     loss_fn: LossFn | None = None,
 ) -> tuple[Scores, jax.Array]:
@@ -166,7 +167,7 @@ def classwise_taylor(
     *,
     form: str = "elementwise",
     average: str = "tokens",
-    layers_per_pass: int = 1,
+    layers_per_pass: int | None = None,
     remat=None,
     loss_fn: LossFn | None = None,
 ) -> Scores:
@@ -190,6 +191,9 @@ def classwise_taylor(
     return _aggregate(jax.tree.map(lambda s: s[present], per_class), aggregate)
 
 
+PASSES = 4  # passes over the data the element-wise form makes by default
+
+
 def _taylor(cfg, params, batches, modules, *, form, average, classwise, num_classes,
             layers_per_pass, remat, loss_fn):
     """(scores `[C, L, d_out]` per module, loss tokens or examples per class `[C]`)."""
@@ -200,6 +204,8 @@ def _taylor(cfg, params, batches, modules, *, form, average, classwise, num_clas
     options = dict(cfg=cfg, modules=modules, remat=remat, loss_fn=loss_fn, average=average)
     if form == "row":
         return _row_taylor(params, batches, classwise=classwise, num_classes=num_classes, **options)
+    if layers_per_pass is None:  # a quarter of the layers: four passes over the data at most
+        layers_per_pass = -(-cfg.num_layers // PASSES)
     if not isinstance(layers_per_pass, (int, np.integer)) or layers_per_pass < 1:
         raise ValueError(f"layers_per_pass={layers_per_pass!r}: must be a positive integer")
     return _elementwise_taylor(params, batches, classwise=classwise, num_classes=num_classes,
