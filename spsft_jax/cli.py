@@ -271,7 +271,8 @@ def cmd_finetune(args) -> int:
             line += f"; exact match {100 * before['exact_match']:.1f}% -> {100 * after['exact_match']:.1f}%"
         print(line)
         for (prompt, reference, first), (_, _, last) in zip(before["samples"], after["samples"]):
-            print(f"  {prompt!r}: before {first!r}, after {last!r} (reference {reference!r})")
+            shown = prompt if len(prompt) <= 60 else "..." + prompt[-57:]  # a chat prompt's tail
+            print(f"  {shown!r}: before {first!r}, after {last!r} (reference {reference!r})")
     print(f"wrote {out / 'adapter.safetensors'} and {out / 'history.json'}")
     return 0
 
