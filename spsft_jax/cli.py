@@ -197,10 +197,8 @@ def _steps(args, encoded) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from spsft_jax import checkpoint, data, outputs, train
+    from spsft_jax import checkpoint, data, memory, outputs, train
     from spsft_jax import selection as selection_lib
-
-    from spsft_jax import bench
 
     _job_defaults(args)
     out = Path(args.out)
@@ -222,7 +220,7 @@ def cmd_finetune(args) -> int:
             run_selection.parent.mkdir(parents=True, exist_ok=True)
             selection_lib.save(run_selection, chosen, model=str(args.model), cfg=cfg)
     longest = args.seq_len or data.bucket_length(encoded.seq_len, encoded.max_len)
-    mem, n_trainable = bench.step_memory(
+    mem, n_trainable = memory.step_memory(
         cfg, params, chosen, batch_shape=(args.batch_size, longest), method=args.method,
         targets=args.targets, rank=args.rank, remat=args.remat, tokentune=args.tokentune,
         tune_norms=args.tune_norms, grad_accum=args.grad_accum)
@@ -322,20 +320,57 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from spsft_jax import bench
+    from spsft_jax import memory
 
-    bench.main(settings=args.setting, as_json=args.json, execute=not args.compile_only,
-               fractions=args.tokentune)
+    for name in args.setting or list(memory.SETTINGS):
+        setting = memory.SETTINGS[name]
+        rows = memory.measure(setting, fractions=tuple(args.tokentune or ()),
+                              execute=setting.execute and not args.compile_only)
+        print_rows(rows, as_json=args.json, header=name == (args.setting or list(memory.SETTINGS))[0])
     return 0
 
 
 def cmd_plan(args) -> int:
-    from spsft_jax import bench
+    from spsft_jax import memory
 
     cfg = _load_config(args.model)
-    bench.plan(cfg, rank=args.rank, seq_len=args.seq_len, batch_size=args.batch_size,
-               remat=args.remat, as_json=args.json)
+    print_rows(memory.plan(cfg, rank=args.rank, seq_len=args.seq_len, batch_size=args.batch_size,
+                           remat=args.remat), as_json=args.json)
     return 0
+
+
+GiB = 2**30
+COLUMNS = (  # header, width, how a row shows it
+    ("setting", 10, lambda r: r["setting"]),
+    ("method", 13, lambda r: r["method"]),
+    ("rank", 5, lambda r: r["rank"] or ""),
+    ("tt", 5, lambda r: r["tokentune"] or ""),
+    ("remat", 5, lambda r: r["remat"] or "-"),
+    ("trainable", 13, lambda r: f"{r['trainable_params']:,}"),
+    ("mem GiB", 9, lambda r: f"{r['mem_bytes'] / GiB:.3f}"),
+    ("temp GiB", 9, lambda r: f"{r['temp_bytes'] / GiB:.3f}"),
+    ("TTL-M GiB", 10, lambda r: "" if r["mem_minus_inference_bytes"] is None
+     else f"{r['mem_minus_inference_bytes'] / GiB:.3f}"),
+    ("TTL/M", 6, lambda r: f"{r['ttl_over_m']:.2f}"),
+    ("step ms", 8, lambda r: "" if r["step_s"] is None else f"{1000 * r['step_s']:.1f}"),
+)
+
+
+def print_rows(rows: list[dict], *, as_json: bool = False, header: bool = True) -> None:
+    """`spsft_jax.memory.measure` rows as JSON lines or a fixed-width text table."""
+    def line(cells):
+        return " ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}"
+                        for i, (c, (_, w, _)) in enumerate(zip(cells, COLUMNS)))
+
+    if as_json:
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        return
+    if header:
+        top = line([h for h, _, _ in COLUMNS])
+        print(top + "\n" + "-" * len(top))
+    for r in rows:
+        print(line([str(show(r)) for _, _, show in COLUMNS]), flush=True)
 
 
 def cmd_convert(args) -> int:

@@ -532,3 +532,26 @@ def _classes(batch, index: int, batch_size: int, num_classes: int | None) -> np.
         raise ValueError(f"batch {index}: classes must lie in [0, {limit}); "
                          f"got {classes.min()}..{classes.max()}")
     return classes.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def lowered_step(cfg: llama.LlamaConfig, params, batch, *, targets="all-linear", form: str = "row",
+                 remat: str | None = None):
+    """One scoring step lowered for `batch` (arrays or `jax.ShapeDtypeStruct`s), without
+    running it: the row form's step, or one pass of the element-wise form over one layer
+    (every pass alike). `spsft_jax.memory` reads its compiled memory."""
+    if form not in FORMS:
+        raise ValueError(f"form={form!r}: choose one of {', '.join(map(repr, FORMS))}")
+    modules = _paths(targets)
+    options = dict(cfg=cfg, modules=modules, remat=remat, loss_fn=None, average="tokens")
+    counts = jax.ShapeDtypeStruct((1,), jnp.int32)
+    if form == "row":
+        total = jax.eval_shape(lambda p: _zero_scores(p, modules, 1), params)
+        return _taylor_step.lower(params, total, counts, batch, **options)
+    grads = {p: jax.ShapeDtypeStruct((1, 1) + _weight(params, p).shape[1:], jnp.float32)
+             for p in modules}
+    classes = jax.ShapeDtypeStruct((batch["input_ids"].shape[0], 1), jnp.float32)
+    return _elementwise_step.lower(params, grads, counts, batch, classes,
+                                   jax.ShapeDtypeStruct((), jnp.int32), group=1, **options)
