@@ -21,14 +21,9 @@ import json
 import math
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
-DEFAULT_MODEL = "tiny"
-
-
-def default_asset(name: str = "") -> Path:
-    return Path(str(resources.files("spsft_jax.assets").joinpath(DEFAULT_MODEL, name)))
+from spsft_jax.assets import default_asset
 
 
 # --------------------------------------------------------------------------- helpers
@@ -111,72 +106,33 @@ def _selection(args, cfg, params, encoded, pad_id):
     """Importance scores on the training data, then top rows."""
     import itertools
 
-    from spsft_jax import importance, selection
+    from spsft_jax import data, importance, selection
 
-    if args.metric == "magnitude":
-        scores = importance.magnitude(cfg, params, targets=args.targets)
-    elif args.metric == "qm-taylor":
-        batches = itertools.islice(_class_batches(args, encoded, pad_id), args.importance_batches)
-        scores = importance.classwise_taylor(cfg, params, batches, targets=args.targets,
-                                             aggregate="quantile_mean", remat=args.remat)
+    if args.metric == "qm-taylor":
+        batches = data.class_batches(args.data, encoded, batch_size=args.batch_size, pad_id=pad_id,
+                                     seq_len=args.seq_len)
     else:
-        batches = itertools.islice(_batches(args, encoded, pad_id, seed=1), args.importance_batches)
-        form = "row" if args.metric == "taylor-row" else "elementwise"
-        scores = importance.taylor(cfg, params, batches, targets=args.targets, form=form,
-                                   remat=args.remat)
+        batches = _batches(args, encoded, pad_id, seed=1) if args.metric != "magnitude" else ()
+    scores = importance.scores(cfg, params, itertools.islice(batches, args.importance_batches),
+                               metric=args.metric, targets=args.targets, remat=args.remat)
     if args.ratio is not None:
         return selection.select(scores, ratio=args.ratio, scope=args.scope, cfg=cfg)
     return selection.select(scores, rank=args.rank, scope=args.scope, cfg=cfg)
-
-
-def _class_batches(args, encoded, pad_id):
-    """Batches in file order with `classes` [B]: each record's `label`, numbered in sorted order."""
-    import numpy as np
-
-    from spsft_jax import data
-
-    records = data.read_jsonl(args.data, format=encoded.format)
-    missing = next((i for i, r in enumerate(records) if "label" not in r), None)
-    if missing is not None:
-        raise ValueError(f"{args.data}: record {missing + 1} has no 'label' field "
-                         "(--metric qm-taylor needs one class label per record)")
-    names = sorted({str(r["label"]) for r in records})
-    classes = np.array([names.index(str(r["label"])) for r in records], np.int32)
-    seq_len = args.seq_len or data.bucket_length(encoded.seq_len, encoded.max_len)
-    for start in range(0, len(encoded.examples), args.batch_size):
-        batch = data.pad_batch(encoded.examples[start:start + args.batch_size], seq_len, pad_id)
-        yield {**batch, "classes": classes[start:start + args.batch_size]}
 
 
 SAMPLES = 3  # held-out generations shown before and after fine-tuning
 
 
 def _evaluator(args, cfg, params, tokenizer):
-    """`evaluate(delta) -> {"loss", "perplexity", "exact_match"}` on the --eval file (None without one)."""
-    from spsft_jax import data, evaluate
+    """`evaluate(delta) -> {"loss", "perplexity", "exact_match", "samples"}` on the --eval file
+    (None without one)."""
+    from spsft_jax import evaluate
 
     if args.eval is None:
         return lambda delta: None
-    tokens = _tokens(args, tokenizer)
-    encoded = _examples(args, args.eval, tokenizer, cfg)
-    batches = data.eval_batches(encoded.examples, batch_size=args.batch_size, pad_id=tokens.pad,
-                                max_len=encoded.max_len)
-    pairs = data.prompts_and_references(data.read_jsonl(args.eval, format=encoded.format),
-                                        encoded.format, tokenizer)
-
-    def run(delta):
-        result = evaluate.held_out_loss(cfg, params, batches, delta=delta)
-        result["exact_match"], result["samples"] = None, []
-        if pairs:
-            matched = evaluate.exact_match(cfg, params, tokenizer, pairs, delta=delta, tokens=tokens,
-                                           max_new_tokens=args.max_new_tokens)
-            result["exact_match"] = matched["exact_match"]
-            result["samples"] = [[tokenizer.decode(prompt, skip_special_tokens=True), reference, output]
-                                 for (prompt, reference), output
-                                 in zip(pairs[:SAMPLES], matched["outputs"])]
-        return result
-
-    return run
+    return evaluate.evaluator(cfg, params, tokenizer, args.eval, tokens=_tokens(args, tokenizer),
+                              batch_size=args.batch_size, max_len=_max_len(args, cfg), format=args.format,
+                              truncate=args.truncate, max_new_tokens=args.max_new_tokens, samples=SAMPLES)
 
 
 def _steps(args, encoded) -> int:

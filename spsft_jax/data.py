@@ -444,3 +444,20 @@ def prompts_and_references(records: Iterable[dict], format: str, tokenizer) -> l
             start = next((i for i, y in enumerate(labels) if y != IGNORE), len(ids))
             pairs.append((ids[:start], record["output"] if format == "alpaca" else record["response"]))
     return pairs
+
+
+def class_batches(path: str | os.PathLike, encoded: Encoded, *, batch_size: int, pad_id: int,
+                  seq_len: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Batches in file order with `classes` [B]: each record's `label` of the file `encoded`
+    was read from, numbered in sorted order (class-wise importance needs them)."""
+    records = read_jsonl(path, format=encoded.format)
+    missing = next((i for i, r in enumerate(records) if "label" not in r), None)
+    if missing is not None:
+        raise ValueError(f"{path}: record {missing + 1} has no 'label' field "
+                         "(class-wise Taylor needs one class label per record)")
+    names = sorted({str(r["label"]) for r in records})
+    classes = np.array([names.index(str(r["label"])) for r in records], np.int32)
+    seq_len = seq_len or bucket_length(encoded.seq_len, encoded.max_len)
+    for start in range(0, len(encoded.examples), batch_size):
+        batch = pad_batch(encoded.examples[start:start + batch_size], seq_len, pad_id)
+        yield {**batch, "classes": classes[start:start + batch_size]}

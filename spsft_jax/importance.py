@@ -10,6 +10,7 @@ Scores are a pytree shaped like a selection, nested along the module paths of
 Metrics (paper sec. 3.2 and appendix A), with g = dL/dW the gradient of the
 mean loss L over the whole data set:
 
+    scores(cfg, params, batches, metric=...)   any of the below by name (METRICS)
     magnitude(cfg, params)                     L2 norm of each row
     taylor(cfg, params, batches)               sum_j |w_ij g_ij|: the paper's (form="elementwise")
     taylor(..., form="row")                    |sum_j w_ij g_ij|: the derivative of L by a row scale
@@ -532,6 +533,26 @@ def _classes(batch, index: int, batch_size: int, num_classes: int | None) -> np.
         raise ValueError(f"batch {index}: classes must lie in [0, {limit}); "
                          f"got {classes.min()}..{classes.max()}")
     return classes.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- by name
+
+METRICS = ("taylor", "taylor-row", "magnitude", "qm-taylor")
+
+
+def scores(cfg: llama.LlamaConfig, params: llama.Params, batches: Iterable[Mapping[str, Any]] = (), *,
+           metric: str = "taylor", targets="all-linear", remat: str | None = None) -> Scores:
+    """Scores by metric name: "taylor" (the paper's sum_j |w g|), "taylor-row" (|sum_j w g|),
+    "magnitude" (batches unused) or "qm-taylor" (class-wise Quantile-Mean; batches carry `classes`)."""
+    if metric == "magnitude":
+        return magnitude(cfg, params, targets=targets)
+    if metric == "qm-taylor":
+        return classwise_taylor(cfg, params, batches, targets=targets, aggregate="quantile_mean",
+                                remat=remat)
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: choose one of {', '.join(map(repr, METRICS))}")
+    return taylor(cfg, params, batches, targets=targets, remat=remat,
+                  form="row" if metric == "taylor-row" else "elementwise")
 
 
 # --------------------------------------------------------------------------- measuring

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from spsft_jax import cli, data, evaluate, llama
+from spsft_jax import assets, cli, data, evaluate, llama
 
-TINY = cli.default_asset()
+TINY = assets.default_asset()
 CHAT = [{"role": "system", "content": "Answer in French."},
         {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Bonjour !"},
         {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "De rien."}]
