@@ -1,10 +1,19 @@
 """Trainable deltas: what a fine-tuning method adds to a frozen module.
 
-Every method is a delta type with two operations on one (unstacked) layer:
+Every method is a delta type, and every delta type follows one protocol, `Delta`,
+with two operations on one (unstacked) layer:
 
-    delta.apply(x, y)     -> y + the delta's contribution, where y = x @ W.T is the
-                             frozen product; the merged weight is never formed
+    delta.apply(x, y)     -> y + the delta's contribution, where y is the frozen
+                             module's output for x (x @ W.T for a linear; w * x for a
+                             norm's weight, x the normalised input); the merged weight
+                             is never formed
     delta.merge(module)   -> {"weight": W', "bias"?: b'}: the delta folded in
+
+The model applies linears' deltas through `apply` (`llama.linear`) and the deltas of
+modules that are not a product, a norm's weight and the embedding table, through
+`merge` (the weight is a vector or a lookup table: merging forms nothing large).
+Every method trains a delta from zero, dense and head-only tuning included
+(`dense`: a DenseDelta or NormDelta on every module).
 
 A delta pytree mirrors the parameter pytree, with a delta object where a module
 sits; deltas under "layers" carry a leading [L] axis like the weights:
@@ -27,13 +36,24 @@ separate the two so gradients and optimizer state cover only the float leaves.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 
 from spsft_jax.llama import Params
 from spsft_jax.trees import set_nested
+
+
+@runtime_checkable
+class Delta(Protocol):
+    """What every delta type provides (see the module docstring)."""
+
+    def apply(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        """`y` (the frozen module's output for `x`) plus this delta's contribution."""
+
+    def merge(self, module: dict) -> dict:
+        """`module` ({"weight", "bias"?}) with this delta folded in."""
 
 
 def _pytree(*, meta: tuple[str, ...] = ()):
@@ -167,9 +187,12 @@ class BiasDelta:
 
 @_pytree()
 class NormDelta:
-    """Additive delta on an RMSNorm weight."""
+    """Additive delta on an RMSNorm weight: `(w + weight) * x` for the normalised x."""
 
     weight: jax.Array
+
+    def apply(self, x, y):
+        return _added(y, x.astype(jnp.float32) * self.weight.astype(jnp.float32))
 
     def merge(self, module):
         return {**module, "weight": module["weight"] + self.weight.astype(module["weight"].dtype)}
@@ -190,6 +213,12 @@ class ScaleDelta:
         if s.ndim == 2:  # per example: [B, d_out] against y [B, ..., d_out]
             s = s.reshape(s.shape[:1] + (1,) * (y.ndim - 2) + s.shape[1:])
         return y * s
+
+    def merge(self, module):
+        if self.scale.ndim != module["weight"].ndim - 1:
+            raise ValueError("a per-example ScaleDelta has no single merged weight")
+        w = module["weight"]  # the bias is added after the scaled product: it stays
+        return {**module, "weight": w * self.scale[..., None].astype(w.dtype)}
 
 
 def _with_bias(module, bias):
@@ -473,6 +502,23 @@ def scales(params: Params, modules: list[tuple[str, ...]], batch: int | None = N
         *lead, d_out, _ = w.shape
         shape = (*lead, d_out) if batch is None else (*lead, batch, d_out)
         tree = set_nested(tree, path, ScaleDelta(jnp.ones(shape, jnp.float32)))
+    return tree
+
+
+def dense(params: Params, modules: list[tuple[str, ...]] | None = None, dtype=jnp.float32) -> Any:
+    """Zero deltas covering every parameter of `modules` (default: every module): a
+    NormDelta on a norm, a DenseDelta (weight, and bias where the module has one) elsewhere.
+    Training them is dense (or, on the LM head, head-only) fine-tuning."""
+    from spsft_jax import trees
+
+    if modules is None:
+        modules = [path[:-1] for path, _ in trees.leaf_paths(params) if path[-1] == "weight"]
+    tree: dict = {}
+    for path in modules:
+        module = _module_at(params, path)
+        zeros = {k: jnp.zeros(v.shape, dtype) for k, v in module.items()}
+        d = NormDelta(zeros["weight"]) if path[-1].endswith("norm") else DenseDelta(**zeros)
+        tree = set_nested(tree, path, d)
     return tree
 
 

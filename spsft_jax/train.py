@@ -2,11 +2,11 @@
 
 A model under training is split in two pytrees of the same shape:
 
-    trainable = {"delta": float leaves of the delta (W_f, LoRA A/B, norm deltas),
-                 "params": parameters trained in place (dense and head-only tuning)}
-    frozen    = {"delta": fixed leaves (selected rows, masks), "params": everything else}
+    trainable = {"delta": float leaves of the delta (W_f, LoRA A/B, dense and norm deltas)}
+    frozen    = {"delta": fixed leaves (selected rows, masks), "params": the model's parameters}
 
-with None where the other side holds the leaf. `join` puts them back together.
+with None in each delta half where the other holds the leaf (`delta.split`); `join`
+puts them back together. Every method trains a delta from zero (see spsft_jax.delta).
 The step takes `frozen` as a plain argument (never differentiated) and donates
 `trainable` and the optimizer state.
 
@@ -29,7 +29,6 @@ import numpy as np
 import optax
 
 from spsft_jax import delta as deltas
-from spsft_jax import trees
 from spsft_jax import llama
 from spsft_jax.losses import causal_lm_loss, chunked_causal_lm_loss
 
@@ -115,24 +114,6 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 # --------------------------------------------------------------------------- trainable / frozen
 
 
-def split_params(params: llama.Params, train: Callable[[tuple[str, ...]], bool]):
-    """(trained, rest) of a parameter tree by leaf path; None where the other has the leaf."""
-
-    def pick(keep):
-        def visit(node, path):
-            if isinstance(node, Mapping):
-                return {k: visit(v, path + (k,)) for k, v in node.items()}
-            return node if train(path) == keep else None
-
-        return visit(params, ())
-
-    return pick(True), pick(False)
-
-
-def join_params(a, b):
-    return jax.tree.map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
-
-
 def prepare(
     params: llama.Params,
     selection: Any = None,
@@ -152,7 +133,7 @@ def prepare(
            a dependency selection's `cols` entries become column deltas.
     lora:  LoRA of `rank` (alpha defaults to rank; the paper's baseline: alpha 16,
            dropout 0.1) on `targets`.
-    dense: every parameter trains. head: only the LM head trains.
+    dense: a zero delta on every parameter (`delta.dense`). head: on the LM head only.
     tune_norms adds norm-weight deltas (and tune_bias bias deltas) to spsft and lora.
     """
     if method not in METHODS:
@@ -166,44 +147,19 @@ def prepare(
     elif method == "lora":
         delta = deltas.lora(params, llama.module_paths(targets), key, rank=rank, alpha=alpha,
                             dropout=dropout)
+    elif method == "dense":
+        delta = deltas.dense(params)
+    else:  # head: the LM head, or the embedding table it is tied to
+        delta = deltas.dense(params, [("lm_head",) if "lm_head" in params else ("embed_tokens",)])
     if tune_norms and method in ("spsft", "lora"):
         delta = deltas.union(delta, deltas.norms(params))
-    trained_delta, fixed_delta = deltas.split(delta)
-
-    head = "lm_head" if "lm_head" in params else "embed_tokens"
-    rule = {
-        "dense": lambda path: True,
-        "head": lambda path: path[0] == head,
-    }.get(method, lambda path: False)
-    trained_params, frozen_params = split_params(params, rule)
-    return ({"delta": trained_delta, "params": trained_params},
-            {"delta": fixed_delta, "params": frozen_params})
+    trained, fixed = deltas.split(delta)
+    return {"delta": trained}, {"delta": fixed, "params": params}
 
 
 def join(trainable: dict, frozen: dict) -> tuple[llama.Params, Any]:
     """(params, delta) for the model from the two halves."""
-    params = join_params(trainable["params"], frozen["params"])
-    delta = deltas.combine(trainable["delta"], frozen["delta"])
-    return params, (delta or None)
-
-
-def trained_delta(params: llama.Params, trainable: dict, frozen: dict) -> Any:
-    """The result as one delta pytree: in-place updates (dense, head) become deltas too."""
-    _, delta = join(trainable, frozen)
-    tree = delta or {}
-    updates: dict[tuple[str, ...], dict[str, jax.Array]] = {}
-    for keys, leaf in trees.leaf_paths(trainable["params"]):
-        if leaf is None:
-            continue
-        original = llama.subtree(params, *keys)
-        updates.setdefault(keys[:-1], {})[keys[-1]] = (leaf - original).astype(jnp.float32)
-    for module_path, fields in updates.items():
-        if module_path[-1].endswith("norm"):
-            new = deltas.NormDelta(fields["weight"])
-        else:
-            new = deltas.DenseDelta(fields["weight"], fields.get("bias"))
-        tree = trees.set_nested(tree, module_path, new)
-    return tree
+    return frozen["params"], (deltas.combine(trainable["delta"], frozen["delta"]) or None)
 
 
 # --------------------------------------------------------------------------- loss and step
@@ -385,8 +341,7 @@ def finetune(
                                 key=jax.random.key(tc.seed), dropout=dropout)
     # A float32 copy: the step donates it, and the caller's parameters must survive.
     trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable)
-    n_trainable = sum(x.size for x in jax.tree.leaves(trainable["params"])) + deltas.num_trainable(
-        deltas.combine(trainable["delta"], frozen["delta"]))
+    n_trainable = deltas.num_trainable(deltas.combine(trainable["delta"], frozen["delta"]))
     optimizer = make_optimizer(tc)
     opt_state = optimizer.init(trainable)
     step = make_train_step(config, tc, optimizer)
@@ -435,7 +390,7 @@ def finetune(
         bar.close()
     if not history and first < tc.steps:
         raise ValueError("data yielded no batches")
-    return FinetuneResult(trained_delta(params, trainable, frozen), history, n_trainable, tc)
+    return FinetuneResult(deltas.combine(trainable["delta"], frozen["delta"]), history, n_trainable, tc)
 
 
 def run_info(cfg: llama.LlamaConfig, trainable: Any, *, method: str, selection: Any, rank: int,
