@@ -38,16 +38,16 @@ weight gradient, for about one training step's compute per pass and batch.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from spsft_jax import delta as delta_lib
 from spsft_jax import llama, losses
-from spsft_jax.trees import nest
+from spsft_jax.trees import get, nest
 
 Scores = dict[str, Any]
 LossFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -252,7 +252,7 @@ def _elementwise_taylor(params, batches, *, classwise, num_classes, layers_per_p
                                                    jnp.int32(start), group=group, **options)
         counts = pass_counts
         found = _elementwise_scores(params, grads, counts, jnp.int32(start))
-        scores = nest({p: _leaf_at(scores, p).at[:, start:start + group].set(found[p])
+        scores = nest({p: get(scores, *p).at[:, start:start + group].set(found[p])
                        for p in modules})
     return scores, counts
 
@@ -260,10 +260,6 @@ def _elementwise_taylor(params, batches, *, classwise, num_classes, layers_per_p
 def _per_class(counts, ndim):
     """Counts `[C]` as divisors broadcasting against `[C, ...]` (1 where a class has none)."""
     return jnp.maximum(counts, 1).astype(jnp.float32).reshape((-1,) + (1,) * (ndim - 1))
-
-
-def _leaf_at(tree, path):
-    return llama.subtree(tree, *path)
 
 
 def aggregate(per_class_scores, how: str = "quantile_mean"):
@@ -320,8 +316,7 @@ def _unit_scale_bwd(residuals, dy):
 _unit_scale.defvjp(_unit_scale_fwd, _unit_scale_bwd)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@struct.dataclass
 class _UnitScaleDelta(delta_lib.ScaleDelta):
     """A ScaleDelta that is only ever evaluated at scale == 1 (see `_unit_scale`)."""
 
@@ -361,8 +356,7 @@ def _weight_probe_bwd(residuals, dy):
 _weight_probe.defvjp(_weight_probe_fwd, _weight_probe_bwd)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@struct.dataclass
 class _WeightProbe:
     """Reads the gradient of one linear's weight (per class) off `jax.grad` of `probe`."""
 
@@ -492,7 +486,7 @@ def _paths(targets) -> tuple[tuple[str, ...], ...]:
 
 
 def _weight(params, path) -> jax.Array:
-    module = llama.subtree(params, *path)
+    module = get(params, *path)
     if module is None or "weight" not in module:
         raise KeyError(f"targets name {'/'.join(path)}, which the parameters do not have")
     return module["weight"]
