@@ -605,7 +605,9 @@ def _message(err: BaseException) -> str:
 
 
 def _targets(value: str):
-    return value if value in ("all-linear", "mlp", "attention") else [t.strip() for t in value.split(",")]
+    from spsft_jax.llama import TARGET_GROUPS
+
+    return value if value in TARGET_GROUPS else [t.strip() for t in value.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:

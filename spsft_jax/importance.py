@@ -47,6 +47,7 @@ from flax import struct
 
 from spsft_jax import delta as delta_lib
 from spsft_jax import llama, losses
+from spsft_jax.data import normalize_batch
 from spsft_jax.trees import get, nest
 
 Scores = dict[str, Any]
@@ -498,21 +499,10 @@ def _zero_scores(params, modules, num_classes: int) -> Scores:
                  for p in modules})
 
 
-def _model_inputs(batch: Mapping[str, Any], index: int) -> dict[str, jax.Array | None]:
-    """The arrays the model and the loss read, as int32, with their shapes checked."""
-    for key in ("input_ids", "labels"):
-        if key not in batch:
-            raise KeyError(f"batch {index}: no {key!r} (has {sorted(batch)})")
-    inputs = {key: None if batch.get(key) is None else jnp.asarray(batch[key], jnp.int32)
-              for key in ("input_ids", "attention_mask", "labels")}
-    shape = inputs["input_ids"].shape
-    if len(shape) != 2:
-        raise ValueError(f"batch {index}: input_ids must be [batch, seq], got shape {shape}")
-    for key in ("attention_mask", "labels"):
-        if inputs[key] is not None and inputs[key].shape != shape:
-            raise ValueError(f"batch {index}: {key} has shape {inputs[key].shape}, "
-                             f"input_ids has {shape}")
-    return inputs
+def _model_inputs(batch: Mapping[str, Any], index: int) -> dict[str, jax.Array]:
+    """The arrays the model and the loss read, int32, checked (`data.normalize_batch`)."""
+    inputs = normalize_batch(batch, index, labels_required=True)
+    return {key: jnp.asarray(inputs[key]) for key in ("input_ids", "attention_mask", "labels")}
 
 
 def _classes(batch, index: int, batch_size: int, num_classes: int | None) -> np.ndarray:

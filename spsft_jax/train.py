@@ -30,6 +30,7 @@ import optax
 
 from spsft_jax import delta as deltas
 from spsft_jax import llama
+from spsft_jax.data import normalize_batch
 from spsft_jax.losses import causal_lm_loss, chunked_causal_lm_loss
 
 METHODS = ("spsft", "lora", "dense", "head")
@@ -237,26 +238,6 @@ def make_train_step(cfg: llama.LlamaConfig, tc: TrainConfig, optimizer: optax.Gr
 
 
 # --------------------------------------------------------------------------- data
-
-
-def normalize_batch(batch: Mapping[str, Any], index: int = 0) -> dict[str, np.ndarray]:
-    """int32 input_ids / attention_mask / labels; defaults: all tokens real, labels = ids at real tokens."""
-    if "input_ids" not in batch:
-        raise ValueError(f"batch {index}: missing 'input_ids' (has {sorted(batch)})")
-    ids = np.asarray(batch["input_ids"])
-    if ids.ndim != 2:
-        raise ValueError(f"batch {index}: input_ids must be [batch, seq], got shape {ids.shape}")
-    mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
-    labels = batch.get("labels")
-    labels = np.where(mask.astype(bool), ids, -100) if labels is None else np.asarray(labels)
-    for name, value in (("attention_mask", mask), ("labels", labels)):
-        if value.shape != ids.shape:
-            raise ValueError(f"batch {index}: {name} has shape {value.shape}, input_ids {ids.shape}")
-    normal = {"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
-              "labels": labels.astype(np.int32)}
-    if "segment_ids" in batch:
-        normal["segment_ids"] = np.asarray(batch["segment_ids"]).astype(np.int32)
-    return normal
 
 
 def _batches(data: Iterable, steps: int, grad_accum: int, skip: int = 0):
