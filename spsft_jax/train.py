@@ -322,56 +322,93 @@ def finetune(
                                 key=jax.random.key(tc.seed), dropout=dropout)
     # A float32 copy: the step donates it, and the caller's parameters must survive.
     trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable)
-    n_trainable = deltas.num_trainable(deltas.combine(trainable["delta"], frozen["delta"]))
     optimizer = make_optimizer(tc)
-    opt_state = optimizer.init(trainable)
-    step = make_train_step(config, tc, optimizer)
-    place = _placement(mesh)
-    first = 0
-    if checkpoint_dir is not None:
-        from spsft_jax import checkpoint
+    state = {"trainable": trainable, "opt_state": optimizer.init(trainable)}
+    run = None if checkpoint_dir is None else run_info(config, trainable, method=method,
+                                                       selection=selection, rank=rank, alpha=alpha)
+    checkpoints = Checkpoints(checkpoint_dir, checkpoint_every, run)
+    first, state = checkpoints.restore(state)
+    state, history = train_loop(config, tc, optimizer, state, frozen, data, first=first, mesh=mesh,
+                                progress=progress, callback=callback, checkpoints=checkpoints)
+    if not history and first < tc.steps:
+        raise ValueError("data yielded no batches")
+    delta = deltas.combine(state["trainable"]["delta"], frozen["delta"])
+    return FinetuneResult(delta, history, deltas.num_trainable(delta), tc)
 
-        run = run_info(config, trainable, method=method, selection=selection, rank=rank, alpha=alpha)
-        restored = checkpoint.restore_state(checkpoint_dir, {"trainable": trainable, "opt_state": opt_state},
-                                            run=run)
-        if restored is not None:
-            first, state = restored
-            trainable, opt_state = state["trainable"], state["opt_state"]
-    base_key = jax.random.key(tc.seed + 1)
-    schedule = learning_rate_schedule(tc)
+
+def train_loop(cfg: llama.LlamaConfig, tc: TrainConfig, optimizer: optax.GradientTransformation,
+               state: dict, frozen: dict, data: Iterable[Mapping[str, Any]], *, first: int = 0,
+               mesh: jax.sharding.Mesh | None = None, progress: bool = False,
+               callback: Callable[[dict], None] | None = None,
+               checkpoints: Checkpoints | None = None) -> tuple[dict, list[dict]]:
+    """Steps `first .. tc.steps - 1` over `data` from `state` ({"trainable", "opt_state"}):
+    (the final state, one `step_record` per step). A step that was not applied raises."""
+    checkpoints = checkpoints or Checkpoints(None)
+    step = make_train_step(cfg, tc, optimizer)
+    place, schedule, base_key = _placement(mesh), learning_rate_schedule(tc), jax.random.key(tc.seed + 1)
     history: list[dict] = []
-    saved: list[int] = []  # steps this run checkpointed, latest last
-    bar = _progress(tc.steps) if progress else None
-    if bar is not None:
-        bar.update(first)
+    bar = _progress(tc.steps, first, progress)
     for i, batch in enumerate(_batches(data, tc.steps, tc.grad_accum, skip=first), start=first):
         start = time.perf_counter()
-        trainable, opt_state, metrics = step(trainable, opt_state, frozen, place(batch),
+        trainable, opt_state, metrics = step(state["trainable"], state["opt_state"], frozen, place(batch),
                                              jax.random.fold_in(base_key, i))
-        loss = float(metrics["loss"])  # waits for the step
-        elapsed = time.perf_counter() - start
-        tokens = int(batch["attention_mask"].sum())
-        record = {"step": i + 1, "loss": loss, "learning_rate": float(schedule(i)),
-                  "grad_norm": float(metrics["grad_norm"]), "tokens": tokens,
-                  "step_s": elapsed, "tokens_per_s": tokens / elapsed}
+        jax.block_until_ready(metrics)
+        record = step_record(i, metrics, int(batch["attention_mask"].sum()),
+                             time.perf_counter() - start, schedule)
         if not bool(metrics["finite"]):
-            _stop_on_fault(i + 1, record, checkpoint_dir, saved, resumed_from=first)
+            checkpoints.fault(i + 1, record)
+        state = {"trainable": trainable, "opt_state": opt_state}
         history.append(record)
         if callback is not None:
             callback(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}")
-            bar.update(1)
-        if checkpoint_dir is not None and (
-                i + 1 == tc.steps or (checkpoint_every and (i + 1) % checkpoint_every == 0)):
-            checkpoint.save_state(checkpoint_dir, i + 1, {"trainable": trainable, "opt_state": opt_state},
-                                  run=run)
-            saved.append(i + 1)
-    if bar is not None:
-        bar.close()
-    if not history and first < tc.steps:
-        raise ValueError("data yielded no batches")
-    return FinetuneResult(deltas.combine(trainable["delta"], frozen["delta"]), history, n_trainable, tc)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        bar.update(1)
+        checkpoints.after_step(i + 1, tc.steps, state)
+    bar.close()
+    return state, history
+
+
+def step_record(index: int, metrics: Mapping[str, jax.Array], tokens: int, seconds: float,
+                schedule: optax.Schedule) -> dict:
+    """The history entry of step `index` (0-based) from the step's metrics."""
+    return {"step": index + 1, "loss": float(metrics["loss"]), "learning_rate": float(schedule(index)),
+            "grad_norm": float(metrics["grad_norm"]), "tokens": tokens, "step_s": seconds,
+            "tokens_per_s": tokens / seconds}
+
+
+@dataclasses.dataclass
+class Checkpoints:
+    """Where a run keeps its training state (`folder` None: nowhere), every how many
+    steps (and at the last), what it belongs to (`run_info`), and the steps it saved."""
+
+    folder: str | None
+    every: int = 0
+    run: dict | None = None
+    saved: list[int] = dataclasses.field(default_factory=list)  # latest last
+    resumed_from: int = 0
+
+    def restore(self, state: dict) -> tuple[int, dict]:
+        """(first step to run, state): the folder's latest checkpoint, else (0, state)."""
+        if self.folder is None:
+            return 0, state
+        from spsft_jax import checkpoint
+
+        restored = checkpoint.restore_state(self.folder, state, run=self.run)
+        if restored is None:
+            return 0, state
+        self.resumed_from = restored[0]
+        return restored
+
+    def after_step(self, step: int, last: int, state: dict) -> None:
+        if self.folder is None or not (step == last or (self.every and step % self.every == 0)):
+            return
+        from spsft_jax import checkpoint
+
+        checkpoint.save_state(self.folder, step, state, run=self.run)
+        self.saved.append(step)
+
+    def fault(self, step: int, record: dict) -> None:
+        _stop_on_fault(step, record, self.folder, self.saved, resumed_from=self.resumed_from)
 
 
 def run_info(cfg: llama.LlamaConfig, trainable: Any, *, method: str, selection: Any, rank: int,
@@ -409,10 +446,10 @@ def _stop_on_fault(step: int, record: dict, checkpoint_dir, saved: list[int], *,
                              f"rate{kept}")
 
 
-def _progress(total: int):
+def _progress(total: int, first: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="finetune", unit="step")
+    return tqdm(total=total, initial=first, desc="finetune", unit="step", disable=not enabled)
 
 
 def _placement(mesh):

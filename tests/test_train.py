@@ -439,3 +439,23 @@ def test_tokentune_all_tokens_is_the_ordinary_step(params):
     np.testing.assert_allclose(tt_loss, plain_loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(tt), jax.tree.leaves(plain)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_train_loop_in_two_parts_equals_one_run(params):
+    """`train_loop` from a saved state continues exactly: 2 + 2 steps give the 4-step run."""
+    tc = train.TrainConfig(steps=4, warmup=0, learning_rate=1e-2)
+    optimizer = train.make_optimizer(tc)
+    trainable, frozen = train.prepare(params, SELECTION)
+
+    def fresh():
+        t = jax.tree.map(lambda x: jnp.array(x, copy=True), trainable)
+        return {"trainable": t, "opt_state": optimizer.init(t)}
+
+    whole, history = train.train_loop(CFG, tc, optimizer, fresh(), frozen, DATA)
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    part, _ = train.train_loop(CFG, tc, optimizer, fresh(), frozen, iter(DATA))  # ends after 2
+    rest, second = train.train_loop(CFG, tc, optimizer, part, frozen, DATA, first=2)
+    assert [r["step"] for r in second] == [3, 4]
+    assert [r["loss"] for r in second] == pytest.approx([r["loss"] for r in history[2:]], rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 rest["trainable"], whole["trainable"])
