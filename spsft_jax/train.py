@@ -1,6 +1,6 @@
 """Training: jitted optax steps that differentiate only the trainable pytree, and `finetune`.
 
-A model under training is split in two pytrees of the same shape:
+A model under training is split in two pytrees:
 
     trainable = {"delta": float leaves of the delta (W_f, LoRA A/B, dense and norm deltas)}
     frozen    = {"delta": fixed leaves (selected rows, masks), "params": the model's parameters}
@@ -9,6 +9,9 @@ with None in each delta half where the other holds the leaf (`delta.split`); `jo
 puts them back together. Every method trains a delta from zero (see spsft_jax.delta).
 The step takes `frozen` as a plain argument (never differentiated) and donates
 `trainable` and the optimizer state.
+
+`finetune` is `prepare` (the two pytrees), `Checkpoints.restore`, `train_loop` (one
+`step_record` per step, `Checkpoints.after_step` / `fault`) and the result:
 
     result = finetune(params, selection, batches, config=cfg, steps=20, learning_rate=1e-3)
     result.delta      # delta pytree (see spsft_jax.delta); merge(params, result.delta)
