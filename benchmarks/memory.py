@@ -1,14 +1,34 @@
-"""Memory and speed of every method side by side: the table in README.md.
+"""Memory and speed of every method side by side: the tables in benchmarks/README.md.
 
     python benchmarks/memory.py                       # all settings, without and with remat
     python benchmarks/memory.py --setting small --tokentune 1.0 --tokentune 0.25
     python benchmarks/memory.py --json > results.jsonl
 
-The same as `spsft-jax bench`; see spsft_jax/bench.py for what is measured.
+What is measured: `spsft_jax.memory` (XLA's compiled memory analysis of one step,
+`argument + output + temp - alias` bytes; 7B/8B shapes compiled only, the small
+setting also run for its median step time).
 """
-import sys
+import argparse
 
-from spsft_jax.cli import main
+from spsft_jax import memory
+from spsft_jax.cli import print_rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--setting", action="append", choices=sorted(memory.SETTINGS),
+                   help="repeatable; default: all")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--compile-only", action="store_true", help="do not execute the small setting")
+    p.add_argument("--tokentune", type=float, action="append", help="TokenTune fractions to add")
+    args = p.parse_args()
+    names = args.setting or list(memory.SETTINGS)
+    for name in names:
+        setting = memory.SETTINGS[name]
+        rows = memory.measure(setting, fractions=tuple(args.tokentune or ()),
+                              execute=setting.execute and not args.compile_only)
+        print_rows(rows, as_json=args.json, header=name == names[0])
+
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    main()

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 import spsft_jax as sj
-from spsft_jax.cli import default_asset
+from spsft_jax.assets import default_asset
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart")
 model = default_asset()

@@ -21,14 +21,9 @@ import json
 import math
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
-DEFAULT_MODEL = "tiny"
-
-
-def default_asset(name: str = "") -> Path:
-    return Path(str(resources.files("spsft_jax.assets").joinpath(DEFAULT_MODEL, name)))
+from spsft_jax.assets import default_asset
 
 
 # --------------------------------------------------------------------------- helpers
@@ -111,72 +106,33 @@ def _selection(args, cfg, params, encoded, pad_id):
     """Importance scores on the training data, then top rows."""
     import itertools
 
-    from spsft_jax import importance, selection
+    from spsft_jax import data, importance, selection
 
-    if args.metric == "magnitude":
-        scores = importance.magnitude(cfg, params, targets=args.targets)
-    elif args.metric == "qm-taylor":
-        batches = itertools.islice(_class_batches(args, encoded, pad_id), args.importance_batches)
-        scores = importance.classwise_taylor(cfg, params, batches, targets=args.targets,
-                                             aggregate="quantile_mean", remat=args.remat)
+    if args.metric == "qm-taylor":
+        batches = data.class_batches(args.data, encoded, batch_size=args.batch_size, pad_id=pad_id,
+                                     seq_len=args.seq_len)
     else:
-        batches = itertools.islice(_batches(args, encoded, pad_id, seed=1), args.importance_batches)
-        form = "row" if args.metric == "taylor-row" else "elementwise"
-        scores = importance.taylor(cfg, params, batches, targets=args.targets, form=form,
-                                   remat=args.remat)
+        batches = _batches(args, encoded, pad_id, seed=1) if args.metric != "magnitude" else ()
+    scores = importance.scores(cfg, params, itertools.islice(batches, args.importance_batches),
+                               metric=args.metric, targets=args.targets, remat=args.remat)
     if args.ratio is not None:
         return selection.select(scores, ratio=args.ratio, scope=args.scope, cfg=cfg)
     return selection.select(scores, rank=args.rank, scope=args.scope, cfg=cfg)
-
-
-def _class_batches(args, encoded, pad_id):
-    """Batches in file order with `classes` [B]: each record's `label`, numbered in sorted order."""
-    import numpy as np
-
-    from spsft_jax import data
-
-    records = data.read_jsonl(args.data, format=encoded.format)
-    missing = next((i for i, r in enumerate(records) if "label" not in r), None)
-    if missing is not None:
-        raise ValueError(f"{args.data}: record {missing + 1} has no 'label' field "
-                         "(--metric qm-taylor needs one class label per record)")
-    names = sorted({str(r["label"]) for r in records})
-    classes = np.array([names.index(str(r["label"])) for r in records], np.int32)
-    seq_len = args.seq_len or data.bucket_length(encoded.seq_len, encoded.max_len)
-    for start in range(0, len(encoded.examples), args.batch_size):
-        batch = data.pad_batch(encoded.examples[start:start + args.batch_size], seq_len, pad_id)
-        yield {**batch, "classes": classes[start:start + args.batch_size]}
 
 
 SAMPLES = 3  # held-out generations shown before and after fine-tuning
 
 
 def _evaluator(args, cfg, params, tokenizer):
-    """`evaluate(delta) -> {"loss", "perplexity", "exact_match"}` on the --eval file (None without one)."""
-    from spsft_jax import data, evaluate
+    """`evaluate(delta) -> {"loss", "perplexity", "exact_match", "samples"}` on the --eval file
+    (None without one)."""
+    from spsft_jax import evaluate
 
     if args.eval is None:
         return lambda delta: None
-    tokens = _tokens(args, tokenizer)
-    encoded = _examples(args, args.eval, tokenizer, cfg)
-    batches = data.eval_batches(encoded.examples, batch_size=args.batch_size, pad_id=tokens.pad,
-                                max_len=encoded.max_len)
-    pairs = data.prompts_and_references(data.read_jsonl(args.eval, format=encoded.format),
-                                        encoded.format, tokenizer)
-
-    def run(delta):
-        result = evaluate.held_out_loss(cfg, params, batches, delta=delta)
-        result["exact_match"], result["samples"] = None, []
-        if pairs:
-            matched = evaluate.exact_match(cfg, params, tokenizer, pairs, delta=delta, tokens=tokens,
-                                           max_new_tokens=args.max_new_tokens)
-            result["exact_match"] = matched["exact_match"]
-            result["samples"] = [[tokenizer.decode(prompt, skip_special_tokens=True), reference, output]
-                                 for (prompt, reference), output
-                                 in zip(pairs[:SAMPLES], matched["outputs"])]
-        return result
-
-    return run
+    return evaluate.evaluator(cfg, params, tokenizer, args.eval, tokens=_tokens(args, tokenizer),
+                              batch_size=args.batch_size, max_len=_max_len(args, cfg), format=args.format,
+                              truncate=args.truncate, max_new_tokens=args.max_new_tokens, samples=SAMPLES)
 
 
 def _steps(args, encoded) -> int:
@@ -197,10 +153,8 @@ def _steps(args, encoded) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from spsft_jax import checkpoint, data, outputs, train
+    from spsft_jax import checkpoint, data, memory, outputs, train
     from spsft_jax import selection as selection_lib
-
-    from spsft_jax import bench
 
     _job_defaults(args)
     out = Path(args.out)
@@ -222,7 +176,7 @@ def cmd_finetune(args) -> int:
             run_selection.parent.mkdir(parents=True, exist_ok=True)
             selection_lib.save(run_selection, chosen, model=str(args.model), cfg=cfg)
     longest = args.seq_len or data.bucket_length(encoded.seq_len, encoded.max_len)
-    mem, n_trainable = bench.step_memory(
+    mem, n_trainable = memory.step_memory(
         cfg, params, chosen, batch_shape=(args.batch_size, longest), method=args.method,
         targets=args.targets, rank=args.rank, remat=args.remat, tokentune=args.tokentune,
         tune_norms=args.tune_norms, grad_accum=args.grad_accum)
@@ -323,20 +277,57 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from spsft_jax import bench
+    from spsft_jax import memory
 
-    bench.main(settings=args.setting, as_json=args.json, execute=not args.compile_only,
-               fractions=args.tokentune)
+    for name in args.setting or list(memory.SETTINGS):
+        setting = memory.SETTINGS[name]
+        rows = memory.measure(setting, fractions=tuple(args.tokentune or ()),
+                              execute=setting.execute and not args.compile_only)
+        print_rows(rows, as_json=args.json, header=name == (args.setting or list(memory.SETTINGS))[0])
     return 0
 
 
 def cmd_plan(args) -> int:
-    from spsft_jax import bench
+    from spsft_jax import memory
 
     cfg = _load_config(args.model)
-    bench.plan(cfg, rank=args.rank, seq_len=args.seq_len, batch_size=args.batch_size,
-               remat=args.remat, as_json=args.json)
+    print_rows(memory.plan(cfg, rank=args.rank, seq_len=args.seq_len, batch_size=args.batch_size,
+                           remat=args.remat), as_json=args.json)
     return 0
+
+
+GiB = 2**30
+COLUMNS = (  # header, width, how a row shows it
+    ("setting", 10, lambda r: r["setting"]),
+    ("method", 13, lambda r: r["method"]),
+    ("rank", 5, lambda r: r["rank"] or ""),
+    ("tt", 5, lambda r: r["tokentune"] or ""),
+    ("remat", 5, lambda r: r["remat"] or "-"),
+    ("trainable", 13, lambda r: f"{r['trainable_params']:,}"),
+    ("mem GiB", 9, lambda r: f"{r['mem_bytes'] / GiB:.3f}"),
+    ("temp GiB", 9, lambda r: f"{r['temp_bytes'] / GiB:.3f}"),
+    ("TTL-M GiB", 10, lambda r: "" if r["mem_minus_inference_bytes"] is None
+     else f"{r['mem_minus_inference_bytes'] / GiB:.3f}"),
+    ("TTL/M", 6, lambda r: f"{r['ttl_over_m']:.2f}"),
+    ("step ms", 8, lambda r: "" if r["step_s"] is None else f"{1000 * r['step_s']:.1f}"),
+)
+
+
+def print_rows(rows: list[dict], *, as_json: bool = False, header: bool = True) -> None:
+    """`spsft_jax.memory.measure` rows as JSON lines or a fixed-width text table."""
+    def line(cells):
+        return " ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}"
+                        for i, (c, (_, w, _)) in enumerate(zip(cells, COLUMNS)))
+
+    if as_json:
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        return
+    if header:
+        top = line([h for h, _, _ in COLUMNS])
+        print(top + "\n" + "-" * len(top))
+    for r in rows:
+        print(line([str(show(r)) for _, _, show in COLUMNS]), flush=True)
 
 
 def cmd_convert(args) -> int:
@@ -615,7 +606,9 @@ def _message(err: BaseException) -> str:
 
 
 def _targets(value: str):
-    return value if value in ("all-linear", "mlp", "attention") else [t.strip() for t in value.split(",")]
+    from spsft_jax.llama import TARGET_GROUPS
+
+    return value if value in TARGET_GROUPS else [t.strip() for t in value.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:

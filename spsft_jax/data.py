@@ -24,11 +24,12 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-IGNORE = -100
+from spsft_jax.losses import IGNORE_INDEX
+
 Example = tuple[list[int], list[int]]
 
 # Required fields of each format, in the order formats are detected.
@@ -210,7 +211,7 @@ def encode_chat(tokenizer, messages: list[dict], where: str = "conversation") ->
     places it, and the end-of-turn token is learned.
     """
     ids = _render(tokenizer, messages)
-    labels = [IGNORE] * len(ids)
+    labels = [IGNORE_INDEX] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -250,7 +251,7 @@ def encode_record(record: dict, format: str, tokenizer, tokens: SpecialTokens, w
         prompt, response = record["prompt"], record["response"]
     head = _encode(tokenizer, prompt, specials=True)
     tail = _encode(tokenizer, response, specials=False) + eos
-    return head + tail, [IGNORE] * len(head) + tail
+    return head + tail, [IGNORE_INDEX] * len(head) + tail
 
 
 @dataclasses.dataclass
@@ -341,7 +342,7 @@ def pad_batch(examples: Sequence[Example], seq_len: int, pad_id: int) -> dict[st
     """Right-pad examples to `seq_len` (labels -100 and attention 0 on padding)."""
     b = len(examples)
     ids = np.full((b, seq_len), pad_id, np.int32)
-    labels = np.full((b, seq_len), IGNORE, np.int32)
+    labels = np.full((b, seq_len), IGNORE_INDEX, np.int32)
     mask = np.zeros((b, seq_len), np.int32)
     for row, (x, y) in enumerate(examples):
         n = min(len(x), seq_len)
@@ -371,7 +372,7 @@ def packed_batch(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int) -
     Each example's first label is dropped, so the last token of one example is never
     trained to predict the first of the next.
     """
-    examples = [(sum((x for x, _ in row), []), sum(([IGNORE] + y[1:] for _, y in row), [])) for row in rows]
+    examples = [(sum((x for x, _ in row), []), sum(([IGNORE_INDEX] + y[1:] for _, y in row), [])) for row in rows]
     batch = pad_batch(examples, seq_len, pad_id)
     segments = np.zeros_like(batch["input_ids"])
     for r, row in enumerate(rows):
@@ -441,6 +442,48 @@ def prompts_and_references(records: Iterable[dict], format: str, tokenizer) -> l
             pairs.append((chat_prompt(tokenizer, messages[:last]), messages[last]["content"]))
         elif format in ("alpaca", "prompt"):
             ids, labels = encode_record(record, format, tokenizer, SpecialTokens(None, 0, ()))
-            start = next((i for i, y in enumerate(labels) if y != IGNORE), len(ids))
+            start = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), len(ids))
             pairs.append((ids[:start], record["output"] if format == "alpaca" else record["response"]))
     return pairs
+
+
+def class_batches(path: str | os.PathLike, encoded: Encoded, *, batch_size: int, pad_id: int,
+                  seq_len: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Batches in file order with `classes` [B]: each record's `label` of the file `encoded`
+    was read from, numbered in sorted order (class-wise importance needs them)."""
+    records = read_jsonl(path, format=encoded.format)
+    missing = next((i for i, r in enumerate(records) if "label" not in r), None)
+    if missing is not None:
+        raise ValueError(f"{path}: record {missing + 1} has no 'label' field "
+                         "(class-wise Taylor needs one class label per record)")
+    names = sorted({str(r["label"]) for r in records})
+    classes = np.array([names.index(str(r["label"])) for r in records], np.int32)
+    seq_len = seq_len or bucket_length(encoded.seq_len, encoded.max_len)
+    for start in range(0, len(encoded.examples), batch_size):
+        batch = pad_batch(encoded.examples[start:start + batch_size], seq_len, pad_id)
+        yield {**batch, "classes": classes[start:start + batch_size]}
+
+
+def normalize_batch(batch: Mapping[str, Any], index: int = 0, *,
+                    labels_required: bool = False) -> dict[str, np.ndarray]:
+    """The one batch check: int32 input_ids / attention_mask / labels `[batch, seq]`
+    (+ segment_ids); defaults: all tokens real, labels = ids at real tokens (unless
+    `labels_required`, as for importance scores, which need the task's labels)."""
+    for key in ("input_ids", "labels") if labels_required else ("input_ids",):
+        if key not in batch or batch[key] is None:
+            raise KeyError(f"batch {index}: no {key!r} (has {sorted(batch)})")
+    ids = np.asarray(batch["input_ids"])
+    if ids.ndim != 2:
+        raise ValueError(f"batch {index}: input_ids must be [batch, seq], got shape {ids.shape}")
+    mask = batch.get("attention_mask")
+    mask = np.ones_like(ids) if mask is None else np.asarray(mask)
+    labels = batch.get("labels")
+    labels = np.where(mask.astype(bool), ids, IGNORE_INDEX) if labels is None else np.asarray(labels)
+    for name, value in (("attention_mask", mask), ("labels", labels)):
+        if value.shape != ids.shape:
+            raise ValueError(f"batch {index}: {name} has shape {value.shape}, input_ids has {ids.shape}")
+    normal = {"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
+              "labels": labels.astype(np.int32)}
+    if "segment_ids" in batch:
+        normal["segment_ids"] = np.asarray(batch["segment_ids"]).astype(np.int32)
+    return normal

@@ -1,10 +1,19 @@
 """Trainable deltas: what a fine-tuning method adds to a frozen module.
 
-Every method is a delta type with two operations on one (unstacked) layer:
+Every method is a delta type, and every delta type follows one protocol, `Delta`,
+with two operations on one (unstacked) layer:
 
-    delta.apply(x, y)     -> y + the delta's contribution, where y = x @ W.T is the
-                             frozen product; the merged weight is never formed
+    delta.apply(x, y)     -> y + the delta's contribution, where y is the frozen
+                             module's output for x (x @ W.T for a linear; w * x for a
+                             norm's weight, x the normalised input); the merged weight
+                             is never formed
     delta.merge(module)   -> {"weight": W', "bias"?: b'}: the delta folded in
+
+The model applies linears' deltas through `apply` (`llama.linear`) and the deltas of
+modules that are not a product, a norm's weight and the embedding table, through
+`merge` (the weight is a vector or a lookup table: merging forms nothing large).
+Every method trains a delta from zero, dense and head-only tuning included
+(`dense`: a DenseDelta or NormDelta on every module).
 
 A delta pytree mirrors the parameter pytree, with a delta object where a module
 sits; deltas under "layers" carry a leading [L] axis like the weights:
@@ -21,32 +30,33 @@ Types:
     NormDelta    tune a norm's weight (SPSFT can, LoRA cannot)
     ScaleDelta   per-row scale of W x, used to read Taylor importance off jax.grad
 
+Delta types are `flax.struct` dataclasses (pytrees; LoRA's scale and dropout are static).
 Int fields (rows, cols) are fixed; float fields train. `split` and `combine`
 separate the two so gradients and optimizer state cover only the float leaves.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
+from spsft_jax import trees
 from spsft_jax.llama import Params
 from spsft_jax.trees import set_nested
 
 
-def _pytree(*, meta: tuple[str, ...] = ()):
-    """Register a dataclass as a pytree whose fields are children except `meta`."""
+@runtime_checkable
+class Delta(Protocol):
+    """What every delta type provides (see the module docstring)."""
 
-    def wrap(cls):
-        cls = dataclasses.dataclass(cls)
-        fields = [f.name for f in dataclasses.fields(cls)]
-        return jax.tree_util.register_dataclass(
-            cls, data_fields=[f for f in fields if f not in meta], meta_fields=list(meta)
-        )
+    def apply(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        """`y` (the frozen module's output for `x`) plus this delta's contribution."""
 
-    return wrap
+    def merge(self, module: dict) -> dict:
+        """`module` ({"weight", "bias"?}) with this delta folded in."""
 
 
 def _product(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
@@ -68,7 +78,7 @@ def _masked(values: jax.Array, mask: jax.Array | None, axis: int) -> jax.Array:
     return values * mask.reshape(shape).astype(values.dtype)
 
 
-@_pytree()
+@struct.dataclass
 class RowDelta:
     """SPSFT rows: `h = W x + M (W_f x)`. rows: [r] int32; w_f: [r, d_in]; mask: [r] or None."""
 
@@ -89,7 +99,7 @@ class RowDelta:
         return _with_bias({**module, "weight": w.at[self.rows].add(update)}, self.bias)
 
 
-@_pytree()
+@struct.dataclass
 class ColumnDelta:
     """Dependency-aware columns: `h = W x + W_f,dep x[cols]`. cols: [c]; w_f: [d_out, c]."""
 
@@ -108,7 +118,7 @@ class ColumnDelta:
         return _with_bias({**module, "weight": w.at[:, self.cols].add(update)}, self.bias)
 
 
-@_pytree(meta=("scale", "dropout"))
+@struct.dataclass
 class LoraDelta:
     """LoRA: `h = W x + scale * B (A dropout(x))`. a: [r, d_in]; b: [d_out, r]; scale = alpha / r.
 
@@ -119,8 +129,8 @@ class LoraDelta:
 
     a: jax.Array
     b: jax.Array
-    scale: float = 1.0
-    dropout: float = 0.0
+    scale: float = struct.field(pytree_node=False, default=1.0)
+    dropout: float = struct.field(pytree_node=False, default=0.0)
     key: jax.Array | None = None
 
     def apply(self, x, y):
@@ -136,7 +146,7 @@ class LoraDelta:
         return {**module, "weight": w + update.astype(w.dtype)}
 
 
-@_pytree()
+@struct.dataclass
 class DenseDelta:
     """A full additive update of a module's weight (the result of dense or head tuning)."""
 
@@ -152,7 +162,7 @@ class DenseDelta:
         return _with_bias({**module, "weight": w + self.weight.astype(w.dtype)}, self.bias)
 
 
-@_pytree()
+@struct.dataclass
 class BiasDelta:
     """Tune a linear's bias only."""
 
@@ -165,17 +175,20 @@ class BiasDelta:
         return _with_bias(module, self.bias)
 
 
-@_pytree()
+@struct.dataclass
 class NormDelta:
-    """Additive delta on an RMSNorm weight."""
+    """Additive delta on an RMSNorm weight: `(w + weight) * x` for the normalised x."""
 
     weight: jax.Array
+
+    def apply(self, x, y):
+        return _added(y, x.astype(jnp.float32) * self.weight.astype(jnp.float32))
 
     def merge(self, module):
         return {**module, "weight": module["weight"] + self.weight.astype(module["weight"].dtype)}
 
 
-@_pytree()
+@struct.dataclass
 class ScaleDelta:
     """Scale each output row of `W x` by `scale` ([d_out], or [B, d_out] per example).
 
@@ -190,6 +203,12 @@ class ScaleDelta:
         if s.ndim == 2:  # per example: [B, d_out] against y [B, ..., d_out]
             s = s.reshape(s.shape[:1] + (1,) * (y.ndim - 2) + s.shape[1:])
         return y * s
+
+    def merge(self, module):
+        if self.scale.ndim != module["weight"].ndim - 1:
+            raise ValueError("a per-example ScaleDelta has no single merged weight")
+        w = module["weight"]  # the bias is added after the scaled product: it stays
+        return {**module, "weight": w * self.scale[..., None].astype(w.dtype)}
 
 
 def _with_bias(module, bias):
@@ -210,22 +229,11 @@ def is_delta(node: Any) -> bool:
 # --------------------------------------------------------------------------- tree operations
 
 
-def _map_with_path(fn: Callable, tree: Any, path: tuple[str, ...] = ()) -> Any:
-    if is_delta(tree):
-        return fn(path, tree)
-    if isinstance(tree, dict):
-        return {k: _map_with_path(fn, v, path + (k,)) for k, v in tree.items()}
-    raise TypeError(f"delta{''.join(f'[{k!r}]' for k in path)}: expected a dict or a delta, "
-                    f"found {type(tree).__name__}")
-
-
 def _module_at(params: Params, path: tuple[str, ...]):
-    node = params
-    for key in path:
-        if not isinstance(node, dict) or key not in node:
-            raise KeyError(f"delta targets {'/'.join(path)}, which the parameters do not have")
-        node = node[key]
-    return node
+    module = trees.get(params, *path)
+    if module is None:
+        raise KeyError(f"delta targets {'/'.join(path)}, which the parameters do not have")
+    return module
 
 
 def _expected_shapes(d: Any, module: Any) -> dict[str, tuple[int, ...]]:
@@ -361,10 +369,7 @@ def merge_report(params: Params, delta: Any, dtype=jnp.bfloat16) -> dict[str, fl
 
 def leaves(delta: Any) -> list[tuple[tuple[str, ...], Any]]:
     """(module path, delta object) for every delta in the tree."""
-    found: list = []
-    if delta is not None:
-        _map_with_path(lambda p, d: found.append((p, d)), delta)
-    return found
+    return trees.entries(delta, is_delta, "delta")
 
 
 def _is_trainable(leaf) -> bool:
@@ -421,15 +426,9 @@ def rows_from_selection(params: Params, selection: Any, dtype=jnp.float32, *, bi
         rows = jnp.asarray(sel["rows"], jnp.int32)
         return RowDelta(rows, jnp.zeros(rows.shape + (d_in,), dtype), mask, b)
 
-    return _map_selection(make, selection)
+    from spsft_jax.selection import entries
 
-
-def _map_selection(fn: Callable, selection: Any, path: tuple[str, ...] = ()) -> Any:
-    if isinstance(selection, dict) and ("rows" in selection or "cols" in selection):
-        return fn(path, selection)
-    if isinstance(selection, dict):
-        return {k: _map_selection(fn, v, path + (k,)) for k, v in selection.items()}
-    raise TypeError(f"selection{''.join(f'[{k!r}]' for k in path)}: expected a dict")
+    return trees.nest({path: make(path, entry) for path, entry in entries(selection)})
 
 
 def lora(params: Params, modules: list[tuple[str, ...]], key: jax.Array, *, rank: int,
@@ -473,6 +472,21 @@ def scales(params: Params, modules: list[tuple[str, ...]], batch: int | None = N
         *lead, d_out, _ = w.shape
         shape = (*lead, d_out) if batch is None else (*lead, batch, d_out)
         tree = set_nested(tree, path, ScaleDelta(jnp.ones(shape, jnp.float32)))
+    return tree
+
+
+def dense(params: Params, modules: list[tuple[str, ...]] | None = None, dtype=jnp.float32) -> Any:
+    """Zero deltas covering every parameter of `modules` (default: every module): a
+    NormDelta on a norm, a DenseDelta (weight, and bias where the module has one) elsewhere.
+    Training them is dense (or, on the LM head, head-only) fine-tuning."""
+    if modules is None:
+        modules = [path[:-1] for path, _ in trees.leaf_paths(params) if path[-1] == "weight"]
+    tree: dict = {}
+    for path in modules:
+        module = _module_at(params, path)
+        zeros = {k: jnp.zeros(v.shape, dtype) for k, v in module.items()}
+        d = NormDelta(zeros["weight"]) if path[-1].endswith("norm") else DenseDelta(**zeros)
+        tree = set_nested(tree, path, d)
     return tree
 
 

@@ -4,6 +4,9 @@
       -> {"loss": mean nats per loss token, "perplexity": exp(loss), "tokens": count}
     exact_match(cfg, params, tokenizer, [(prompt ids, reference text)], delta=delta)
       -> {"exact_match": fraction, "outputs": [generated text, ...]}
+    evaluator(cfg, params, tokenizer, "eval.jsonl", ...)(delta)
+      -> {"loss", "perplexity", "tokens", "exact_match" (None without references),
+          "samples": [[prompt text, reference, output], ...]}
 
 Parameters, deltas and batches are arguments of the jitted functions, never constants
 folded into them: one compilation per batch shape serves any weights.
@@ -56,3 +59,30 @@ def exact_match(cfg: llama.LlamaConfig, params: llama.Params, tokenizer,
         outputs += [tokenizer.decode(o, skip_special_tokens=True) for o in new]
     hits = sum(o.strip() == ref.strip() for o, (_, ref) in zip(outputs, pairs))
     return {"exact_match": hits / max(len(pairs), 1), "outputs": outputs}
+
+
+def evaluator(cfg: llama.LlamaConfig, params: llama.Params, tokenizer, path, *, tokens, batch_size: int,
+              max_len: int, format: str | None = None, truncate: str = "right",
+              max_new_tokens: int = 32, samples: int = 3):
+    """`run(delta)` -> held-out loss and exact match on a file of records (see the module
+    docstring); the file is read and batched once, `samples` generations are kept."""
+    from spsft_jax import data
+
+    encoded = data.load(path, tokenizer, format=format, max_len=max_len, truncate=truncate, tokens=tokens)
+    batches = data.eval_batches(encoded.examples, batch_size=batch_size, pad_id=tokens.pad,
+                                max_len=encoded.max_len)
+    pairs = data.prompts_and_references(data.read_jsonl(path, format=encoded.format),
+                                        encoded.format, tokenizer)
+
+    def run(delta):
+        result = held_out_loss(cfg, params, batches, delta=delta)
+        result["exact_match"], result["samples"] = None, []
+        if pairs:
+            matched = exact_match(cfg, params, tokenizer, pairs, delta=delta, tokens=tokens,
+                                  max_new_tokens=max_new_tokens)
+            result["exact_match"] = matched["exact_match"]
+            result["samples"] = [[tokenizer.decode(prompt, skip_special_tokens=True), reference, output]
+                                 for (prompt, reference), output in zip(pairs[:samples], matched["outputs"])]
+        return result
+
+    return run

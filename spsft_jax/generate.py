@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spsft_jax import llama
+from spsft_jax import llama, trees
 
 
 def init_cache(cfg: llama.LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> dict[str, jax.Array]:
@@ -50,7 +50,7 @@ def extend(cfg: llama.LlamaConfig, params: llama.Params, cache: dict, input_ids:
         attn = llama.attend(q, k_cache, v_cache, allowed)
         return llama.layer_output(cfg, layer, layer_delta, h, attn), (k_cache, v_cache)
 
-    xs = (params["layers"], llama.subtree(delta, "layers"), cache["k"], cache["v"])
+    xs = (params["layers"], trees.get(delta, "layers"), cache["k"], cache["v"])
     h, (k, v) = jax.lax.scan(body, h, xs)
     return h, {"k": k, "v": v}
 

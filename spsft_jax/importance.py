@@ -10,6 +10,7 @@ Scores are a pytree shaped like a selection, nested along the module paths of
 Metrics (paper sec. 3.2 and appendix A), with g = dL/dW the gradient of the
 mean loss L over the whole data set:
 
+    scores(cfg, params, batches, metric=...)   any of the below by name (METRICS)
     magnitude(cfg, params)                     L2 norm of each row
     taylor(cfg, params, batches)               sum_j |w_ij g_ij|: the paper's (form="elementwise")
     taylor(..., form="row")                    |sum_j w_ij g_ij|: the derivative of L by a row scale
@@ -37,16 +38,17 @@ weight gradient, for about one training step's compute per pass and batch.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from spsft_jax import delta as delta_lib
 from spsft_jax import llama, losses
-from spsft_jax.trees import nest
+from spsft_jax.data import normalize_batch
+from spsft_jax.trees import get, nest
 
 Scores = dict[str, Any]
 LossFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -257,7 +259,7 @@ def _elementwise_taylor(params, batches, *, classwise, num_classes, layers_per_p
                                                    jnp.int32(start), group=group, **options)
         counts = pass_counts
         found = _elementwise_scores(params, grads, counts, jnp.int32(start))
-        scores = nest({p: _leaf_at(scores, p).at[:, start:start + group].set(found[p])
+        scores = nest({p: get(scores, *p).at[:, start:start + group].set(found[p])
                        for p in modules})
     return scores, counts
 
@@ -265,10 +267,6 @@ def _elementwise_taylor(params, batches, *, classwise, num_classes, layers_per_p
 def _per_class(counts, ndim):
     """Counts `[C]` as divisors broadcasting against `[C, ...]` (1 where a class has none)."""
     return jnp.maximum(counts, 1).astype(jnp.float32).reshape((-1,) + (1,) * (ndim - 1))
-
-
-def _leaf_at(tree, path):
-    return llama.subtree(tree, *path)
 
 
 def aggregate(per_class_scores, how: str = "quantile_mean"):
@@ -325,8 +323,7 @@ def _unit_scale_bwd(residuals, dy):
 _unit_scale.defvjp(_unit_scale_fwd, _unit_scale_bwd)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@struct.dataclass
 class _UnitScaleDelta(delta_lib.ScaleDelta):
     """A ScaleDelta that is only ever evaluated at scale == 1 (see `_unit_scale`)."""
 
@@ -366,8 +363,7 @@ def _weight_probe_bwd(residuals, dy):
 _weight_probe.defvjp(_weight_probe_fwd, _weight_probe_bwd)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@struct.dataclass
 class _WeightProbe:
     """Reads the gradient of one linear's weight (per class) off `jax.grad` of `probe`."""
 
@@ -497,7 +493,7 @@ def _paths(targets) -> tuple[tuple[str, ...], ...]:
 
 
 def _weight(params, path) -> jax.Array:
-    module = llama.subtree(params, *path)
+    module = get(params, *path)
     if module is None or "weight" not in module:
         raise KeyError(f"targets name {'/'.join(path)}, which the parameters do not have")
     return module["weight"]
@@ -509,21 +505,10 @@ def _zero_scores(params, modules, num_classes: int) -> Scores:
                  for p in modules})
 
 
-def _model_inputs(batch: Mapping[str, Any], index: int) -> dict[str, jax.Array | None]:
-    """The arrays the model and the loss read, as int32, with their shapes checked."""
-    for key in ("input_ids", "labels"):
-        if key not in batch:
-            raise KeyError(f"batch {index}: no {key!r} (has {sorted(batch)})")
-    inputs = {key: None if batch.get(key) is None else jnp.asarray(batch[key], jnp.int32)
-              for key in ("input_ids", "attention_mask", "labels")}
-    shape = inputs["input_ids"].shape
-    if len(shape) != 2:
-        raise ValueError(f"batch {index}: input_ids must be [batch, seq], got shape {shape}")
-    for key in ("attention_mask", "labels"):
-        if inputs[key] is not None and inputs[key].shape != shape:
-            raise ValueError(f"batch {index}: {key} has shape {inputs[key].shape}, "
-                             f"input_ids has {shape}")
-    return inputs
+def _model_inputs(batch: Mapping[str, Any], index: int) -> dict[str, jax.Array]:
+    """The arrays the model and the loss read, int32, checked (`data.normalize_batch`)."""
+    inputs = normalize_batch(batch, index, labels_required=True)
+    return {key: jnp.asarray(inputs[key]) for key in ("input_ids", "attention_mask", "labels")}
 
 
 def _classes(batch, index: int, batch_size: int, num_classes: int | None) -> np.ndarray:
@@ -538,3 +523,46 @@ def _classes(batch, index: int, batch_size: int, num_classes: int | None) -> np.
         raise ValueError(f"batch {index}: classes must lie in [0, {limit}); "
                          f"got {classes.min()}..{classes.max()}")
     return classes.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- by name
+
+METRICS = ("taylor", "taylor-row", "magnitude", "qm-taylor")
+
+
+def scores(cfg: llama.LlamaConfig, params: llama.Params, batches: Iterable[Mapping[str, Any]] = (), *,
+           metric: str = "taylor", targets="all-linear", remat: str | None = None) -> Scores:
+    """Scores by metric name: "taylor" (the paper's sum_j |w g|), "taylor-row" (|sum_j w g|),
+    "magnitude" (batches unused) or "qm-taylor" (class-wise Quantile-Mean; batches carry `classes`)."""
+    if metric == "magnitude":
+        return magnitude(cfg, params, targets=targets)
+    if metric == "qm-taylor":
+        return classwise_taylor(cfg, params, batches, targets=targets, aggregate="quantile_mean",
+                                remat=remat)
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: choose one of {', '.join(map(repr, METRICS))}")
+    return taylor(cfg, params, batches, targets=targets, remat=remat,
+                  form="row" if metric == "taylor-row" else "elementwise")
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def lowered_step(cfg: llama.LlamaConfig, params, batch, *, targets="all-linear", form: str = "row",
+                 remat: str | None = None):
+    """One scoring step lowered for `batch` (arrays or `jax.ShapeDtypeStruct`s), without
+    running it: the row form's step, or one pass of the element-wise form over one layer
+    (every pass alike). `spsft_jax.memory` reads its compiled memory."""
+    if form not in FORMS:
+        raise ValueError(f"form={form!r}: choose one of {', '.join(map(repr, FORMS))}")
+    modules = _paths(targets)
+    options = dict(cfg=cfg, modules=modules, remat=remat, loss_fn=None, average="tokens")
+    counts = jax.ShapeDtypeStruct((1,), jnp.int32)
+    if form == "row":
+        total = jax.eval_shape(lambda p: _zero_scores(p, modules, 1), params)
+        return _taylor_step.lower(params, total, counts, batch, **options)
+    grads = {p: jax.ShapeDtypeStruct((1, 1) + _weight(params, p).shape[1:], jnp.float32)
+             for p in modules}
+    classes = jax.ShapeDtypeStruct((batch["input_ids"].shape[0], 1), jnp.float32)
+    return _elementwise_step.lower(params, grads, counts, batch, classes,
+                                   jax.ShapeDtypeStruct((), jnp.int32), group=1, **options)

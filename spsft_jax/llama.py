@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spsft_jax.trees import get as subtree  # a module's delta, or None where it has none
+
 Params = dict[str, Any]
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -197,15 +199,6 @@ def module_paths(targets: str | tuple | list = "all-linear") -> list[tuple[str, 
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
-def subtree(tree: Any, *keys: str) -> Any:
-    """`tree[k1][k2]...`, or None where a level is missing (deltas cover few modules)."""
-    for k in keys:
-        if not isinstance(tree, Mapping) or k not in tree:
-            return None
-        tree = tree[k]
-    return tree
 
 
 def linear(x: jax.Array, module: Mapping[str, jax.Array], delta=None) -> jax.Array:

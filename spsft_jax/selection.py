@@ -35,6 +35,7 @@ import numpy as np
 
 from spsft_jax import outputs
 from spsft_jax.llama import LlamaConfig
+from spsft_jax import trees
 from spsft_jax.trees import leaf_paths, nest
 
 Selection = dict[str, Any]
@@ -299,7 +300,7 @@ def _rows_entry(kept: list[np.ndarray], key: str = "rows") -> dict[str, np.ndarr
 def num_selected_params(selection: Selection, cfg: LlamaConfig) -> int:
     """Trainable weights of a selection: real (unmasked) rows times each module's d_in."""
     total = 0
-    for path, entry in _entries(selection):
+    for path, entry in entries(selection):
         key = _index_key(entry)
         real = int(np.sum(entry["mask"])) if "mask" in entry else int(np.size(entry[key]))
         # A row costs the module's d_in, a column its d_out.
@@ -327,7 +328,7 @@ def digest(selection: Selection) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for module, entry in sorted(_entries(selection), key=lambda item: item[0]):
+    for module, entry in sorted(entries(selection), key=lambda item: item[0]):
         h.update("/".join(module).encode())
         for kind in ("rows", "mask"):
             if kind in entry:
@@ -360,7 +361,7 @@ def save(
     from safetensors.numpy import save as to_bytes
 
     tensors = {}
-    for module, entry in _entries(selection):
+    for module, entry in entries(selection):
         name, key = "/".join(module), _index_key(entry)
         tensors[f"{name}/{key}"] = np.ascontiguousarray(entry[key], np.int32)
         if "mask" in entry:
@@ -382,7 +383,7 @@ def save(
     if cfg is not None:
         from spsft_jax.checkpoint import CONFIG_KEY, architecture
 
-        for module, entry in _entries(selection):
+        for module, entry in entries(selection):
             _check_entry(f"selection {'/'.join(module)}", module, entry, cfg)
         info[CONFIG_KEY] = json.dumps(architecture(cfg))
     with outputs.output_file(path, "wb", overwrite=overwrite) as f:
@@ -462,10 +463,7 @@ def _check_entry(where: str, module: Path, entry: Mapping[str, np.ndarray], cfg)
 # --------------------------------------------------------------------------- pytree helpers
 
 
-def _entries(selection, path: Path = ()) -> list[tuple[Path, Mapping[str, np.ndarray]]]:
-    """(module path, {"rows", "mask"?}) for every module of a selection."""
-    if not isinstance(selection, Mapping):
-        raise TypeError(f"selection{''.join(f'[{k!r}]' for k in path)}: expected a dict")
-    if "rows" in selection or "cols" in selection:
-        return [(path, selection)]
-    return [item for key in selection for item in _entries(selection[key], path + (key,))]
+def entries(selection) -> list[tuple[Path, Mapping[str, np.ndarray]]]:
+    """(module path, {"rows" or "cols", "mask"?}) for every module of a selection."""
+    return trees.entries(selection, lambda node: isinstance(node, Mapping) and (
+        "rows" in node or "cols" in node), "selection")

@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from spsft_jax import llama
-from spsft_jax.llama import LlamaConfig, Params, subtree
+from spsft_jax.llama import LlamaConfig, Params
+from spsft_jax.trees import get
 from spsft_jax.losses import IGNORE_INDEX, cross_entropy
 
 # Unselected queries attend in blocks of max(k, this) (at most cfg.chunk_tokens):
@@ -321,7 +322,7 @@ def split_hidden_states(
         h_rest = llama.layer_output(cfg, frozen_layer, frozen_layer_delta, h_rest, attn_rest)
         return (h_sel, h_rest), None
 
-    layers = (params["layers"], subtree(delta, "layers"))
+    layers = (params["layers"], get(delta, "layers"))
     (h_sel, h_rest), _ = jax.lax.scan(llama.remat_layer(body, remat), (h_sel, h_rest), layers)
     return h_sel, jax.lax.stop_gradient(h_rest), rest_idx
 

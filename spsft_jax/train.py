@@ -1,14 +1,17 @@
 """Training: jitted optax steps that differentiate only the trainable pytree, and `finetune`.
 
-A model under training is split in two pytrees of the same shape:
+A model under training is split in two pytrees:
 
-    trainable = {"delta": float leaves of the delta (W_f, LoRA A/B, norm deltas),
-                 "params": parameters trained in place (dense and head-only tuning)}
-    frozen    = {"delta": fixed leaves (selected rows, masks), "params": everything else}
+    trainable = {"delta": float leaves of the delta (W_f, LoRA A/B, dense and norm deltas)}
+    frozen    = {"delta": fixed leaves (selected rows, masks), "params": the model's parameters}
 
-with None where the other side holds the leaf. `join` puts them back together.
+with None in each delta half where the other holds the leaf (`delta.split`); `join`
+puts them back together. Every method trains a delta from zero (see spsft_jax.delta).
 The step takes `frozen` as a plain argument (never differentiated) and donates
 `trainable` and the optimizer state.
+
+`finetune` is `prepare` (the two pytrees), `Checkpoints.restore`, `train_loop` (one
+`step_record` per step, `Checkpoints.after_step` / `fault`) and the result:
 
     result = finetune(params, selection, batches, config=cfg, steps=20, learning_rate=1e-3)
     result.delta      # delta pytree (see spsft_jax.delta); merge(params, result.delta)
@@ -29,8 +32,8 @@ import numpy as np
 import optax
 
 from spsft_jax import delta as deltas
-from spsft_jax import trees
 from spsft_jax import llama
+from spsft_jax.data import normalize_batch
 from spsft_jax.losses import causal_lm_loss, chunked_causal_lm_loss
 
 METHODS = ("spsft", "lora", "dense", "head")
@@ -115,24 +118,6 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 # --------------------------------------------------------------------------- trainable / frozen
 
 
-def split_params(params: llama.Params, train: Callable[[tuple[str, ...]], bool]):
-    """(trained, rest) of a parameter tree by leaf path; None where the other has the leaf."""
-
-    def pick(keep):
-        def visit(node, path):
-            if isinstance(node, Mapping):
-                return {k: visit(v, path + (k,)) for k, v in node.items()}
-            return node if train(path) == keep else None
-
-        return visit(params, ())
-
-    return pick(True), pick(False)
-
-
-def join_params(a, b):
-    return jax.tree.map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
-
-
 def prepare(
     params: llama.Params,
     selection: Any = None,
@@ -152,7 +137,7 @@ def prepare(
            a dependency selection's `cols` entries become column deltas.
     lora:  LoRA of `rank` (alpha defaults to rank; the paper's baseline: alpha 16,
            dropout 0.1) on `targets`.
-    dense: every parameter trains. head: only the LM head trains.
+    dense: a zero delta on every parameter (`delta.dense`). head: on the LM head only.
     tune_norms adds norm-weight deltas (and tune_bias bias deltas) to spsft and lora.
     """
     if method not in METHODS:
@@ -166,44 +151,19 @@ def prepare(
     elif method == "lora":
         delta = deltas.lora(params, llama.module_paths(targets), key, rank=rank, alpha=alpha,
                             dropout=dropout)
+    elif method == "dense":
+        delta = deltas.dense(params)
+    else:  # head: the LM head, or the embedding table it is tied to
+        delta = deltas.dense(params, [("lm_head",) if "lm_head" in params else ("embed_tokens",)])
     if tune_norms and method in ("spsft", "lora"):
         delta = deltas.union(delta, deltas.norms(params))
-    trained_delta, fixed_delta = deltas.split(delta)
-
-    head = "lm_head" if "lm_head" in params else "embed_tokens"
-    rule = {
-        "dense": lambda path: True,
-        "head": lambda path: path[0] == head,
-    }.get(method, lambda path: False)
-    trained_params, frozen_params = split_params(params, rule)
-    return ({"delta": trained_delta, "params": trained_params},
-            {"delta": fixed_delta, "params": frozen_params})
+    trained, fixed = deltas.split(delta)
+    return {"delta": trained}, {"delta": fixed, "params": params}
 
 
 def join(trainable: dict, frozen: dict) -> tuple[llama.Params, Any]:
     """(params, delta) for the model from the two halves."""
-    params = join_params(trainable["params"], frozen["params"])
-    delta = deltas.combine(trainable["delta"], frozen["delta"])
-    return params, (delta or None)
-
-
-def trained_delta(params: llama.Params, trainable: dict, frozen: dict) -> Any:
-    """The result as one delta pytree: in-place updates (dense, head) become deltas too."""
-    _, delta = join(trainable, frozen)
-    tree = delta or {}
-    updates: dict[tuple[str, ...], dict[str, jax.Array]] = {}
-    for keys, leaf in trees.leaf_paths(trainable["params"]):
-        if leaf is None:
-            continue
-        original = llama.subtree(params, *keys)
-        updates.setdefault(keys[:-1], {})[keys[-1]] = (leaf - original).astype(jnp.float32)
-    for module_path, fields in updates.items():
-        if module_path[-1].endswith("norm"):
-            new = deltas.NormDelta(fields["weight"])
-        else:
-            new = deltas.DenseDelta(fields["weight"], fields.get("bias"))
-        tree = trees.set_nested(tree, module_path, new)
-    return tree
+    return frozen["params"], (deltas.combine(trainable["delta"], frozen["delta"]) or None)
 
 
 # --------------------------------------------------------------------------- loss and step
@@ -281,26 +241,6 @@ def make_train_step(cfg: llama.LlamaConfig, tc: TrainConfig, optimizer: optax.Gr
 
 
 # --------------------------------------------------------------------------- data
-
-
-def normalize_batch(batch: Mapping[str, Any], index: int = 0) -> dict[str, np.ndarray]:
-    """int32 input_ids / attention_mask / labels; defaults: all tokens real, labels = ids at real tokens."""
-    if "input_ids" not in batch:
-        raise ValueError(f"batch {index}: missing 'input_ids' (has {sorted(batch)})")
-    ids = np.asarray(batch["input_ids"])
-    if ids.ndim != 2:
-        raise ValueError(f"batch {index}: input_ids must be [batch, seq], got shape {ids.shape}")
-    mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
-    labels = batch.get("labels")
-    labels = np.where(mask.astype(bool), ids, -100) if labels is None else np.asarray(labels)
-    for name, value in (("attention_mask", mask), ("labels", labels)):
-        if value.shape != ids.shape:
-            raise ValueError(f"batch {index}: {name} has shape {value.shape}, input_ids {ids.shape}")
-    normal = {"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
-              "labels": labels.astype(np.int32)}
-    if "segment_ids" in batch:
-        normal["segment_ids"] = np.asarray(batch["segment_ids"]).astype(np.int32)
-    return normal
 
 
 def _batches(data: Iterable, steps: int, grad_accum: int, skip: int = 0):
@@ -385,57 +325,93 @@ def finetune(
                                 key=jax.random.key(tc.seed), dropout=dropout)
     # A float32 copy: the step donates it, and the caller's parameters must survive.
     trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable)
-    n_trainable = sum(x.size for x in jax.tree.leaves(trainable["params"])) + deltas.num_trainable(
-        deltas.combine(trainable["delta"], frozen["delta"]))
     optimizer = make_optimizer(tc)
-    opt_state = optimizer.init(trainable)
-    step = make_train_step(config, tc, optimizer)
-    place = _placement(mesh)
-    first = 0
-    if checkpoint_dir is not None:
-        from spsft_jax import checkpoint
+    state = {"trainable": trainable, "opt_state": optimizer.init(trainable)}
+    run = None if checkpoint_dir is None else run_info(config, trainable, method=method,
+                                                       selection=selection, rank=rank, alpha=alpha)
+    checkpoints = Checkpoints(checkpoint_dir, checkpoint_every, run)
+    first, state = checkpoints.restore(state)
+    state, history = train_loop(config, tc, optimizer, state, frozen, data, first=first, mesh=mesh,
+                                progress=progress, callback=callback, checkpoints=checkpoints)
+    if not history and first < tc.steps:
+        raise ValueError("data yielded no batches")
+    delta = deltas.combine(state["trainable"]["delta"], frozen["delta"])
+    return FinetuneResult(delta, history, deltas.num_trainable(delta), tc)
 
-        run = run_info(config, trainable, method=method, selection=selection, rank=rank, alpha=alpha)
-        restored = checkpoint.restore_state(checkpoint_dir, {"trainable": trainable, "opt_state": opt_state},
-                                            run=run)
-        if restored is not None:
-            first, state = restored
-            trainable, opt_state = state["trainable"], state["opt_state"]
-    base_key = jax.random.key(tc.seed + 1)
-    schedule = learning_rate_schedule(tc)
+
+def train_loop(cfg: llama.LlamaConfig, tc: TrainConfig, optimizer: optax.GradientTransformation,
+               state: dict, frozen: dict, data: Iterable[Mapping[str, Any]], *, first: int = 0,
+               mesh: jax.sharding.Mesh | None = None, progress: bool = False,
+               callback: Callable[[dict], None] | None = None,
+               checkpoints: Checkpoints | None = None) -> tuple[dict, list[dict]]:
+    """Steps `first .. tc.steps - 1` over `data` from `state` ({"trainable", "opt_state"}):
+    (the final state, one `step_record` per step). A step that was not applied raises."""
+    checkpoints = checkpoints or Checkpoints(None)
+    step = make_train_step(cfg, tc, optimizer)
+    place, schedule, base_key = _placement(mesh), learning_rate_schedule(tc), jax.random.key(tc.seed + 1)
     history: list[dict] = []
-    saved: list[int] = []  # steps this run checkpointed, latest last
-    bar = _progress(tc.steps) if progress else None
-    if bar is not None:
-        bar.update(first)
+    bar = _progress(tc.steps, first, progress)
     for i, batch in enumerate(_batches(data, tc.steps, tc.grad_accum, skip=first), start=first):
         start = time.perf_counter()
-        trainable, opt_state, metrics = step(trainable, opt_state, frozen, place(batch),
+        trainable, opt_state, metrics = step(state["trainable"], state["opt_state"], frozen, place(batch),
                                              jax.random.fold_in(base_key, i))
-        loss = float(metrics["loss"])  # waits for the step
-        elapsed = time.perf_counter() - start
-        tokens = int(batch["attention_mask"].sum())
-        record = {"step": i + 1, "loss": loss, "learning_rate": float(schedule(i)),
-                  "grad_norm": float(metrics["grad_norm"]), "tokens": tokens,
-                  "step_s": elapsed, "tokens_per_s": tokens / elapsed}
+        jax.block_until_ready(metrics)
+        record = step_record(i, metrics, int(batch["attention_mask"].sum()),
+                             time.perf_counter() - start, schedule)
         if not bool(metrics["finite"]):
-            _stop_on_fault(i + 1, record, checkpoint_dir, saved, resumed_from=first)
+            checkpoints.fault(i + 1, record)
+        state = {"trainable": trainable, "opt_state": opt_state}
         history.append(record)
         if callback is not None:
             callback(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}")
-            bar.update(1)
-        if checkpoint_dir is not None and (
-                i + 1 == tc.steps or (checkpoint_every and (i + 1) % checkpoint_every == 0)):
-            checkpoint.save_state(checkpoint_dir, i + 1, {"trainable": trainable, "opt_state": opt_state},
-                                  run=run)
-            saved.append(i + 1)
-    if bar is not None:
-        bar.close()
-    if not history and first < tc.steps:
-        raise ValueError("data yielded no batches")
-    return FinetuneResult(trained_delta(params, trainable, frozen), history, n_trainable, tc)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        bar.update(1)
+        checkpoints.after_step(i + 1, tc.steps, state)
+    bar.close()
+    return state, history
+
+
+def step_record(index: int, metrics: Mapping[str, jax.Array], tokens: int, seconds: float,
+                schedule: optax.Schedule) -> dict:
+    """The history entry of step `index` (0-based) from the step's metrics."""
+    return {"step": index + 1, "loss": float(metrics["loss"]), "learning_rate": float(schedule(index)),
+            "grad_norm": float(metrics["grad_norm"]), "tokens": tokens, "step_s": seconds,
+            "tokens_per_s": tokens / seconds}
+
+
+@dataclasses.dataclass
+class Checkpoints:
+    """Where a run keeps its training state (`folder` None: nowhere), every how many
+    steps (and at the last), what it belongs to (`run_info`), and the steps it saved."""
+
+    folder: str | None
+    every: int = 0
+    run: dict | None = None
+    saved: list[int] = dataclasses.field(default_factory=list)  # latest last
+    resumed_from: int = 0
+
+    def restore(self, state: dict) -> tuple[int, dict]:
+        """(first step to run, state): the folder's latest checkpoint, else (0, state)."""
+        if self.folder is None:
+            return 0, state
+        from spsft_jax import checkpoint
+
+        restored = checkpoint.restore_state(self.folder, state, run=self.run)
+        if restored is None:
+            return 0, state
+        self.resumed_from = restored[0]
+        return restored
+
+    def after_step(self, step: int, last: int, state: dict) -> None:
+        if self.folder is None or not (step == last or (self.every and step % self.every == 0)):
+            return
+        from spsft_jax import checkpoint
+
+        checkpoint.save_state(self.folder, step, state, run=self.run)
+        self.saved.append(step)
+
+    def fault(self, step: int, record: dict) -> None:
+        _stop_on_fault(step, record, self.folder, self.saved, resumed_from=self.resumed_from)
 
 
 def run_info(cfg: llama.LlamaConfig, trainable: Any, *, method: str, selection: Any, rank: int,
@@ -473,10 +449,10 @@ def _stop_on_fault(step: int, record: dict, checkpoint_dir, saved: list[int], *,
                              f"rate{kept}")
 
 
-def _progress(total: int):
+def _progress(total: int, first: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="finetune", unit="step")
+    return tqdm(total=total, initial=first, desc="finetune", unit="step", disable=not enabled)
 
 
 def _placement(mesh):

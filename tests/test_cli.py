@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import hf_logits, rel_max_err
-from spsft_jax import checkpoint, cli, data, generate, interop, llama, outputs
+from spsft_jax import assets, checkpoint, cli, data, generate, interop, llama, outputs
 from spsft_jax import delta as deltas
 from spsft_jax import selection as selection_lib
 
-MODEL = cli.default_asset()
+MODEL = assets.default_asset()
 PROMPT = "What is 1 plus 2? "
 
 

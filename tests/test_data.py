@@ -9,9 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from spsft_jax import cli, data, evaluate, llama
+from spsft_jax import assets, cli, data, evaluate, llama
+from spsft_jax.losses import IGNORE_INDEX
 
-TINY = cli.default_asset()
+TINY = assets.default_asset()
 CHAT = [{"role": "system", "content": "Answer in French."},
         {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Bonjour !"},
         {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "De rien."}]
@@ -34,7 +35,7 @@ def _write(path, records):
 
 def _learned(tok, example):
     ids, labels = example
-    return tok.decode([i for i, y in zip(ids, labels) if y != data.IGNORE])
+    return tok.decode([i for i, y in zip(ids, labels) if y != IGNORE_INDEX])
 
 
 # --------------------------------------------------------------------------- formats
@@ -61,7 +62,7 @@ def test_prompt_and_text_labels_with_the_tokenizers_own_specials(tiny_tok):
     prompt = tiny_tok("1 plus 2? ", add_special_tokens=False)["input_ids"]
     response = tiny_tok("3!", add_special_tokens=False)["input_ids"]
     assert p_ids == [bos] + prompt + response + [eos]
-    assert p_labels == [data.IGNORE] * (1 + len(prompt)) + response + [eos]
+    assert p_labels == [IGNORE_INDEX] * (1 + len(prompt)) + response + [eos]
     assert t_ids == t_labels == [bos] + tiny_tok("abc", add_special_tokens=False)["input_ids"] + [eos]
 
 
@@ -79,7 +80,7 @@ def test_chat_loss_on_assistant_turns_only(smol_tok):
     # Exactly the replies and the end-of-turn the template writes after each.
     assert _learned(smol_tok, (ids, labels)) == "Bonjour !<|im_end|>\nDe rien.<|im_end|>\n"
     # The text before each reply is the rendered prompt that generation starts from.
-    first = labels.index(next(y for y in labels if y != data.IGNORE))
+    first = labels.index(next(y for y in labels if y != IGNORE_INDEX))
     assert ids[:first] == data.chat_prompt(smol_tok, CHAT[:2])
 
 

@@ -28,7 +28,23 @@ CASES = {
     "lora": lambda: deltas.LoraDelta(_random((2, D_IN), 5), _random((D_OUT, 2), 6), 0.5),
     "dense": lambda: deltas.DenseDelta(_random((D_OUT, D_IN), 7), _random((D_OUT,), 8)),
     "bias": lambda: deltas.BiasDelta(_random((D_OUT,), 9)),
+    "scale": lambda: deltas.ScaleDelta(1.0 + _random((D_OUT,), 13)),
 }
+
+
+def test_every_delta_type_follows_the_protocol():
+    for cls in deltas.DELTA_TYPES:
+        assert callable(getattr(cls, "apply", None)) and callable(getattr(cls, "merge", None)), cls
+    assert all(isinstance(make(), deltas.Delta) for make in CASES.values())
+
+
+def test_norm_delta_apply_equals_merged_norm_weight():
+    """For a norm the frozen output is w * x (x normalised): apply adds delta * x."""
+    d = deltas.NormDelta(_random((D_IN,), 14))
+    module = {"weight": 1.0 + _random((D_IN,), 15)}
+    x = _random((3, D_IN), 16)
+    np.testing.assert_allclose(d.apply(x, module["weight"] * x), d.merge(module)["weight"] * x,
+                               rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from spsft_jax import delta as deltas
-from spsft_jax import importance, llama, selection, tokentune, train
+from spsft_jax import assets, importance, llama, selection, tokentune, train
 from spsft_jax.trees import nest
 
 # GQA: 4 query heads over 2 key-value heads.
@@ -397,7 +397,7 @@ def _labelled_data(folder, with_labels=True):
     from spsft_jax import cli
 
     records = [json.loads(line) for line in
-               (cli.default_asset("train.jsonl")).read_text().splitlines()[:24]]
+               (assets.default_asset("train.jsonl")).read_text().splitlines()[:24]]
     path = folder / "labelled.jsonl"
     lines = []
     for r in records:

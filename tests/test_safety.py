@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from spsft_jax import checkpoint, cli, interop, llama, outputs, train
+from spsft_jax import assets, checkpoint, cli, interop, llama, outputs, train
 from spsft_jax import delta as deltas
 from spsft_jax import selection as selection_lib
 
-MODEL = cli.default_asset()
+MODEL = assets.default_asset()
 SMALL = llama.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_layers=2,
                           num_heads=4, num_kv_heads=2, head_dim=4)
 FAST = ["--quiet", "--eval", "", "--metric", "magnitude", "--batch-size", "4", "--seq-len", "16"]

@@ -86,7 +86,7 @@ def test_global_scope_ranks_all_layers_together_and_pads_with_a_mask():
             for layer, layer_scores in enumerate(module_scores) for row, s in enumerate(layer_scores)]
     flat.sort(key=lambda item: -item[0])
     expected = {(path, layer, row) for _, path, layer, row in flat[:6 * 3 * 2]}
-    got = {(path, layer, row) for path, entry in selection._entries(picked)
+    got = {(path, layer, row) for path, entry in selection.entries(picked)
            for layer, rows in enumerate(_real_rows(entry)) for row in rows}
     assert got == expected
 
@@ -120,7 +120,7 @@ def test_global_normalization_lets_modules_of_different_scale_compete():
 def test_a_masked_selection_builds_row_deltas():
     params = llama.init_params(CFG, jax.random.key(0))
     picked = selection.select(_scores(6), ratio=0.1, scope="global", cfg=CFG)
-    assert any("mask" in entry for _, entry in selection._entries(picked))
+    assert any("mask" in entry for _, entry in selection.entries(picked))
     rows = delta.rows_from_selection(params, picked)
     assert delta.num_trainable(rows) == selection.num_selected_params(picked, CFG)
 
@@ -152,7 +152,7 @@ def test_save_load_round_trip(tmp_path):
     assert info["model"] == "tiny-llama" and info["targets"] == "all-linear"
     assert info["metric"] == "taylor" and info["note"] == "test"
     assert jax.tree.structure(loaded) == jax.tree.structure(picked)
-    for (p, a), (q, b) in zip(selection._entries(picked), selection._entries(loaded)):
+    for (p, a), (q, b) in zip(selection.entries(picked), selection.entries(loaded)):
         assert p == q and set(a) == set(b)
         for key in a:
             assert a[key].dtype == b[key].dtype

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from spsft_jax import delta as deltas
-from spsft_jax import llama, train
+from spsft_jax import llama, train, trees
 
 CFG = llama.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_layers=3,
                         num_heads=4, num_kv_heads=2, head_dim=4)
@@ -233,17 +233,23 @@ def test_finetune_lora(params):
     assert _rel(_logits(deltas.merge(params, result.delta)), _logits(params, result.delta)) < 1e-5
 
 
-def test_trained_delta_of_in_place_updates_merges_back(params):
-    """dense/head results: the delta that `finetune` returns must merge to the trained params."""
+def test_dense_delta_gradient_is_the_parameter_gradient(params):
+    """Dense tuning trains a zero delta on every parameter: its gradient must be the
+    gradient of the parameters themselves, and the delta must cover every one."""
     trainable, frozen = train.prepare(params, None, method="dense")
-    trained = {**trainable, "params": jax.tree.map(
-        lambda x, n: x + n, trainable["params"], _random_like(trainable["params"], jax.random.key(4)))}
-    delta = train.trained_delta(params, trained, frozen)
-    for path, d in deltas.leaves(delta):
+
+    def loss(t):
+        return _mean_loss(*train.join(t, frozen), BATCH)
+
+    g_delta = jax.jit(jax.grad(loss))(trainable)["delta"]
+    g_params = jax.jit(jax.grad(lambda p: _mean_loss(p, None, BATCH)))(params)
+    found = dict(deltas.leaves(g_delta))
+    assert {path[:-1] for path, _ in trees.leaf_paths(params)} == set(found)
+    for path, d in found.items():
         assert isinstance(d, deltas.NormDelta if path[-1].endswith("norm") else deltas.DenseDelta)
-    merged = deltas.merge(params, delta)
-    jax.tree.map(lambda m, t: np.testing.assert_allclose(m, t, rtol=1e-6, atol=1e-7),
-                 merged, trained["params"])
+        expected = np.asarray(llama.subtree(g_params, *path)["weight"])
+        assert np.abs(expected).max() > 0, path
+        assert _rel(d.weight, expected) < 1e-5, path
 
 
 @pytest.fixture(scope="module")
@@ -433,3 +439,23 @@ def test_tokentune_all_tokens_is_the_ordinary_step(params):
     np.testing.assert_allclose(tt_loss, plain_loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(tt), jax.tree.leaves(plain)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_train_loop_in_two_parts_equals_one_run(params):
+    """`train_loop` from a saved state continues exactly: 2 + 2 steps give the 4-step run."""
+    tc = train.TrainConfig(steps=4, warmup=0, learning_rate=1e-2)
+    optimizer = train.make_optimizer(tc)
+    trainable, frozen = train.prepare(params, SELECTION)
+
+    def fresh():
+        t = jax.tree.map(lambda x: jnp.array(x, copy=True), trainable)
+        return {"trainable": t, "opt_state": optimizer.init(t)}
+
+    whole, history = train.train_loop(CFG, tc, optimizer, fresh(), frozen, DATA)
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    part, _ = train.train_loop(CFG, tc, optimizer, fresh(), frozen, iter(DATA))  # ends after 2
+    rest, second = train.train_loop(CFG, tc, optimizer, part, frozen, DATA, first=2)
+    assert [r["step"] for r in second] == [3, 4]
+    assert [r["loss"] for r in second] == pytest.approx([r["loss"] for r in history[2:]], rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 rest["trainable"], whole["trainable"])

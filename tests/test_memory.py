@@ -1,11 +1,11 @@
-"""The memory benchmark: fields, parameter counts and orderings on a tiny setting."""
+"""Compiled step memory of every method (spsft_jax.memory): fields, counts and orderings."""
 import json
 
 import pytest
 
-from spsft_jax import bench, cli, llama
+from spsft_jax import cli, llama, memory
 
-TINY = bench.Setting("tiny", llama.LlamaConfig(
+TINY = memory.Setting("tiny", llama.LlamaConfig(
     vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
     num_kv_heads=2, head_dim=8), batch_size=2, seq_len=16, lora_rank=2, execute=True)
 FIELDS = {"setting", "method", "rank", "tokentune", "remat", "trainable_params", "mem_bytes",
@@ -14,7 +14,7 @@ FIELDS = {"setting", "method", "rank", "tokentune", "remat", "trainable_params",
 
 @pytest.fixture(scope="module")
 def rows():
-    return bench.measure(TINY, remats=(None,), fractions=(0.5,))
+    return memory.measure(TINY, remats=(None,), fractions=(0.5,))
 
 
 def _row(rows, method, tokentune=None):
@@ -55,9 +55,9 @@ def test_memory_orderings(rows):
 
 
 def test_cli_bench_prints_one_json_object_per_line(monkeypatch, capsys):
-    monkeypatch.setitem(bench.SETTINGS, "small", TINY)
-    few = [bench.Variant("inference"), bench.Variant("spsft", 4)]
-    monkeypatch.setattr(bench, "variants", lambda setting, fractions=(): few)
+    monkeypatch.setitem(memory.SETTINGS, "small", TINY)
+    few = [memory.Variant("inference"), memory.Variant("spsft", 4)]
+    monkeypatch.setattr(memory, "variants", lambda setting, fractions=(): few)
     assert cli.main(["bench", "--setting", "small", "--json", "--compile-only"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     records = [json.loads(line) for line in lines]

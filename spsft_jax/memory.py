@@ -1,0 +1,236 @@
+"""The memory of a training step, read from XLA's compiled memory analysis, from shapes only.
+
+A step is lowered from `jax.ShapeDtypeStruct`s and compiled, never run, so 7B/8B
+shapes need no memory. Its figure is `argument + output + temp - alias` bytes
+(CPU's `peak_memory_in_bytes` leaves temps out).
+
+    step_memory(cfg, params, selection, batch_shape=(8, 512))  -> (bytes, trainable parameters)
+    measure(setting)  -> [{"setting", "method", "rank", "tokentune", "remat", "trainable_params",
+                           "mem_bytes", "temp_bytes", "mem_minus_inference_bytes",
+                           "ttl_over_m", "step_s"}, ...]
+
+`measure` compiles every method (`variants`) side by side; `mem_minus_inference_bytes`
+is the paper's Table 7 `mem_TTL - mem_M` (training minus the forward pass at the same
+batch), `ttl_over_m` their ratio, `step_s` the median step time when the setting is run.
+`SETTINGS` names the model shapes `spsft-jax bench` and `benchmarks/memory.py` report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spsft_jax import importance, llama, train
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    cfg: llama.LlamaConfig
+    batch_size: int
+    seq_len: int
+    lora_rank: int  # SPSFT gets 2x this many rows: the same trainable parameters on square weights
+    execute: bool
+
+
+SETTINGS = {
+    "small": Setting("small", llama.LlamaConfig(
+        vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
+        num_kv_heads=8, head_dim=32), batch_size=4, seq_len=256, lora_rank=8, execute=True),
+    "llama2-7b": Setting("llama2-7b", llama.LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+        num_kv_heads=32, head_dim=128), batch_size=1, seq_len=2048, lora_rank=64, execute=False),
+    "llama3-8b": Setting("llama3-8b", llama.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, rope_theta=500000.0), batch_size=1, seq_len=2048,
+        lora_rank=64, execute=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    method: str          # inference, taylor (row form), taylor-elementwise, dense, head, lora, spsft
+    rank: int | None = None
+    targets: str = "all-linear"
+    tokentune: float | None = None
+    paper: bool = False       # lora: the paper's baseline, alpha 16 and dropout 0.1
+    dependency: bool = False  # spsft on the MLP: whole channels, as many parameters as plain rows
+
+    @property
+    def label(self) -> str:
+        suffix = "-mlp" if self.targets == "mlp" else ""
+        suffix += "-paper" if self.paper else "-dep" if self.dependency else ""
+        return f"{self.method}{suffix}"
+
+
+def variants(setting: Setting, fractions=()) -> list[Variant]:
+    r = setting.lora_rank
+    rows = [Variant("inference"), Variant("dense"), Variant("head"),
+            Variant("lora", r), Variant("lora", r, paper=True), Variant("spsft", 2 * r),
+            Variant("lora", r, "mlp"), Variant("spsft", 2 * r, "mlp"),
+            Variant("spsft", 2 * r, "mlp", dependency=True),
+            Variant("taylor", targets="all-linear"), Variant("taylor-elementwise", targets="all-linear")]
+    for f in fractions:
+        rows += [Variant("spsft", 2 * r, tokentune=f), Variant("lora", r, tokentune=f)]
+    return rows
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def read(compiled) -> tuple[int, int]:
+    """(argument + output + temp - alias, temp) bytes of a compiled computation."""
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return int(total), int(m.temp_size_in_bytes)
+
+
+def batch_shapes(batch_shape: tuple[int, int], grad_accum: int | None = None) -> dict:
+    """int32 `input_ids`, `attention_mask`, `labels` shapes ([grad_accum,] batch, seq)."""
+    lead = (grad_accum,) if grad_accum else ()
+    return {k: jax.ShapeDtypeStruct(lead + tuple(batch_shape), jnp.int32) for k in BATCH_KEYS}
+
+
+def lowered_train_step(cfg: llama.LlamaConfig, params, selection, *, batch_shape: tuple[int, int],
+                       method: str = "spsft", targets="all-linear", rank: int = 8, remat=None,
+                       tokentune=None, grad_accum: int = 1, **prepare_options):
+    """(jax `Lowered` training step, trainable parameters) for the run `finetune` would make
+    with these options; `params` may be `llama.param_shapes(cfg)`."""
+    tc = train.TrainConfig(steps=1, remat=remat, tokentune=tokentune, grad_accum=grad_accum)
+    optimizer = train.make_optimizer(tc)
+
+    def state(p):
+        trainable, frozen = train.prepare(p, selection, method=method, targets=targets, rank=rank,
+                                          **prepare_options)
+        trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
+        return trainable, optimizer.init(trainable), frozen
+
+    trainable, opt_state, frozen = jax.eval_shape(state, params)
+    n = sum(x.size for x in jax.tree.leaves(trainable))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    step = train.make_train_step(cfg, tc, optimizer)
+    return step.lower(trainable, opt_state, frozen, batch_shapes(batch_shape, grad_accum), key), n
+
+
+def step_memory(cfg: llama.LlamaConfig, params, selection, *, batch_shape: tuple[int, int],
+                **options) -> tuple[int, int]:
+    """(compiled memory bytes of one training step, trainable parameters), from shapes
+    only (nothing is allocated); `options` as `finetune`'s (method, targets, rank, remat,
+    tokentune, tune_norms, grad_accum)."""
+    lowered, n = lowered_train_step(cfg, params, selection, batch_shape=batch_shape, **options)
+    return read(lowered.compile())[0], n
+
+
+def time_step(lowered, compiled=None, steps: int = 5) -> float:
+    """Median wall time of `steps` runs of a lowered step (compiled if not given) on random inputs."""
+    compiled = lowered.compile() if compiled is None else compiled
+    rng = np.random.default_rng(0)
+    args = jax.tree.map(lambda x: _random(x, rng), _arg_shapes(lowered))
+    times = []
+    for _ in range(steps + 1):
+        fresh = jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, args)  # donation eats inputs
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*fresh))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def _random(x, rng):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.key(0)
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return jnp.asarray(rng.integers(0, 2, x.shape), x.dtype)  # ids, mask and labels alike
+    return jnp.asarray(rng.normal(0, 0.02, x.shape), x.dtype)
+
+
+def _arg_shapes(lowered):
+    args, _ = lowered.args_info
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+
+
+# --------------------------------------------------------------------------- every method
+
+
+def spread_selection(cfg: llama.LlamaConfig, targets: str, rank: int) -> dict:
+    """`rank` rows spread evenly over every targeted module: which rows does not change
+    memory or time."""
+    from spsft_jax import trees
+
+    return trees.nest({
+        path: {"rows": np.broadcast_to(
+            np.linspace(0, cfg.linear_shapes()[path[-1]][0] - 1, rank).astype(np.int32),
+            (cfg.num_layers, rank)).copy()}
+        for path in llama.module_paths(targets)
+    })
+
+
+def dependency_selection(cfg: llama.LlamaConfig, rank: int) -> dict:
+    """Whole MLP channels (gate/up rows, down columns) with the trainable parameters of
+    plain SPSFT at `rank` rows on the MLP: a channel costs 3 d, plain rows 2 d + ffn."""
+    from spsft_jax import selection as selection_lib, trees
+
+    d, ffn = cfg.hidden_size, cfg.intermediate_size
+    channels = round(rank * (2 * d + ffn) / (3 * d))
+    paths = llama.module_paths("mlp")
+    scores = trees.nest({p: np.zeros((cfg.num_layers, cfg.linear_shapes()[p[-1]][0])) for p in paths})
+    return selection_lib.select(scores, rank=channels, cfg=cfg, dependency=True)
+
+
+def lowered_variant(setting: Setting, variant: Variant, remat: str | None, dtype=jnp.float32):
+    """(jax `Lowered`, trainable parameter count) for one method on one setting."""
+    cfg, shape = setting.cfg, (setting.batch_size, setting.seq_len)
+    params = llama.param_shapes(cfg, dtype)
+    if variant.method == "inference":
+        fn = jax.jit(lambda p, b: llama.forward(cfg, p, b["input_ids"], b["attention_mask"]))
+        return fn.lower(params, batch_shapes(shape)), 0
+    if variant.method in ("taylor", "taylor-elementwise"):
+        form = "row" if variant.method == "taylor" else "elementwise"
+        return importance.lowered_step(cfg, params, batch_shapes(shape), targets=variant.targets,
+                                       form=form, remat=remat), 0
+    selection = None
+    if variant.dependency:
+        selection = dependency_selection(cfg, variant.rank)
+    elif variant.method == "spsft":
+        selection = spread_selection(cfg, variant.targets, variant.rank)
+    lora_options = dict(alpha=16.0, dropout=0.1) if variant.paper else {}
+    return lowered_train_step(cfg, params, selection, batch_shape=shape, method=variant.method,
+                              targets=variant.targets, rank=variant.rank or 8, remat=remat,
+                              tokentune=variant.tokentune, **lora_options)
+
+
+def measure(setting: Setting, *, remats=(None, "full"), fractions=(), execute: bool | None = None,
+            methods: list[Variant] | None = None) -> list[dict]:
+    """One row per method and remat policy (see the module docstring)."""
+    execute = setting.execute if execute is None else execute
+    rows = []
+    for remat in remats:
+        inference = None
+        for v in variants(setting, fractions) if methods is None else methods:
+            # The forward pass has nothing to recompute.
+            lowered, n = lowered_variant(setting, v, None if v.method == "inference" else remat)
+            compiled = lowered.compile()
+            mem, temp = read(compiled)
+            if v.method == "inference":
+                inference = mem
+            step_s = time_step(lowered, compiled) if execute and v.method != "inference" else None
+            rows.append({
+                "setting": setting.name, "method": v.label, "rank": v.rank,
+                "tokentune": v.tokentune, "remat": remat, "trainable_params": n,
+                "mem_bytes": mem, "temp_bytes": temp,
+                "mem_minus_inference_bytes": None if v.method == "inference" else mem - inference,
+                "ttl_over_m": mem / inference if inference else None,
+                "step_s": step_s,
+            })
+    return rows
+
+
+def plan(cfg: llama.LlamaConfig, *, rank: int, seq_len: int, batch_size: int, remat=None) -> list[dict]:
+    """`measure` rows of every method for a model config, compiled only (nothing allocated)."""
+    return measure(Setting("model", cfg, batch_size, seq_len, rank, execute=False), remats=(remat,),
+                   execute=False)
