@@ -14,7 +14,7 @@ LoRA trains rank r: the same trainable parameters on square weights.
 
 Output: one JSON object per case, {"case", "implementation", "method", "rank",
 "tokentune", "remat", "trainable_params", "step_s", "tokens_per_s", "peak_rss_mib",
-"loss_first", "loss_last"}, then the kernel line (a [1024, 512] x [512, 1376] float32
+"loss_first", "loss_last", "load_1m"}, then the kernel line (a [1024, 512] x [512, 1376] float32
 matmul, XLA against torch, same run) and a table.
 """
 from __future__ import annotations
@@ -222,7 +222,8 @@ def child(spec: dict) -> dict:
             "trainable_params": out["trainable_params"], "step_s": step_s,
             "tokens_per_s": tokens / step_s,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "loss_first": out["losses"][0], "loss_last": out["losses"][-1]}
+            "loss_first": out["losses"][0], "loss_last": out["losses"][-1],
+            "load_1m": os.getloadavg()[0]}  # the machine's load while it ran: shared cores skew times
 
 
 # --------------------------------------------------------------------------- parent
