@@ -148,10 +148,22 @@ class LoraDelta:
 
 @struct.dataclass
 class DenseDelta:
-    """A full additive update of a module's weight (the result of dense or head tuning)."""
+    """A full additive update of a module's weight (the result of dense or head tuning).
+
+    It folds: `llama.linear` computes one product with `fold(module)` (W + dW in
+    float32) rather than adding a second full product, so dense tuning costs what
+    tuning the weight in place costs.
+    """
 
     weight: jax.Array
     bias: jax.Array | None = None
+    folds = True  # not a field: tells the linear hook to use `fold`
+
+    def fold(self, module):
+        """The module with the update added, in float32 (small updates survive a bf16 base)."""
+        wide = {k: v.astype(jnp.float32) for k, v in module.items()}
+        return _with_bias({**wide, "weight": wide["weight"] + self.weight.astype(jnp.float32)},
+                          self.bias)
 
     def apply(self, x, y):
         y = _added(y, _product("...i,oi->...o", x, self.weight))

@@ -206,8 +206,11 @@ def linear(x: jax.Array, module: Mapping[str, jax.Array], delta=None) -> jax.Arr
 
     The one place where a frozen weight meets its trainable delta: a delta object
     adds its own contribution to the frozen product `y = x @ W.T` (`delta.apply(x, y)`),
-    so the merged weight is never formed.
+    so the merged weight is never formed. A delta that `folds` (a full update, which
+    would otherwise cost a second full product) is added to the weight instead.
     """
+    if getattr(delta, "folds", False):
+        module, delta = delta.fold(module), None
     y = jnp.einsum("...i,oi->...o", x, module["weight"])
     if delta is not None:
         y = delta.apply(x, y)
