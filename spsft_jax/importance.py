@@ -110,7 +110,7 @@ def taylor(
         once per pass. The steps compile once per batch shape (and group of layers).
     remat: passed to the layer scan ("full", "dots" or a policy).
     loss_fn: `(logits, labels) -> (summed loss, number of loss tokens)`, applied to
-        each example; default: the causal-LM cross entropy, `cfg.chunk_tokens` at a time.
+        each example; default: the causal-LM cross entropy, `llama.CHUNK_TOKENS` positions at a time.
 
     >>> scores = taylor(cfg, params, [batch], targets="mlp")   # doctest: +SKIP
     >>> scores["layers"]["mlp"]["up_proj"].shape                # doctest: +SKIP
@@ -382,7 +382,7 @@ def _example_losses(cfg, params, h, labels, loss_fn):
     targets = jnp.pad(labels[:, 1:], ((0, 0), (0, 1)), constant_values=losses.IGNORE_INDEX)
     token_losses, counts = llama.token_blocks(
         lambda hy: losses.cross_entropy(llama.head(cfg, params, hy[0]), hy[1]),
-        (h, targets), cfg.chunk_tokens)
+        (h, targets), llama.CHUNK_TOKENS)
     return token_losses.sum(-1), counts.sum(-1, dtype=jnp.int32)
 
 

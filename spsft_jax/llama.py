@@ -37,6 +37,10 @@ from spsft_jax.trees import get as subtree  # a module's delta, or None where it
 
 Params = dict[str, Any]
 
+# Tokens per block of attention queries and of the loss (see `token_blocks`): an
+# execution setting that bounds activation memory, passed to the calls as `chunk_tokens`.
+CHUNK_TOKENS = 512
+
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 
@@ -80,9 +84,6 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
-    # Tokens per block of attention queries and of the loss (see `token_blocks`):
-    # an execution choice that bounds activation memory, not part of the architecture.
-    chunk_tokens: int | None = 512
     # Folder the config was read from (tokenizer files are copied from it on export);
     # not part of the architecture, so it takes no part in equality or hashing.
     source_dir: str | None = dataclasses.field(default=None, compare=False, hash=False)
@@ -384,10 +385,10 @@ def layer_output(cfg, layer, layer_delta, h, attn):
     return mlp_block(cfg, layer, layer_delta, h)
 
 
-def decoder_layer(cfg, layer, layer_delta, h, cos, sin, allowed):
+def decoder_layer(cfg, layer, layer_delta, h, cos, sin, allowed, chunk_tokens=CHUNK_TOKENS):
     """One Llama decoder layer on hidden states `h [B, T, hidden]`."""
     q, k, v = attention_inputs(cfg, layer, layer_delta, h, cos, sin)
-    return layer_output(cfg, layer, layer_delta, h, attend(q, k, v, allowed, cfg.chunk_tokens))
+    return layer_output(cfg, layer, layer_delta, h, attend(q, k, v, allowed, chunk_tokens))
 
 
 # --------------------------------------------------------------------------- model
@@ -447,6 +448,7 @@ def hidden_states(
     position_ids: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     remat: str | Callable | bool | None = None,
+    chunk_tokens: int | None = CHUNK_TOKENS,
 ) -> jax.Array:
     """Embeddings through all decoder layers (scanned), before the final norm."""
     index = default_positions(input_ids)
@@ -461,7 +463,7 @@ def hidden_states(
 
     def body(h, layer_and_delta):
         layer, layer_delta = layer_and_delta
-        return decoder_layer(cfg, layer, layer_delta, h, cos, sin, allowed), None
+        return decoder_layer(cfg, layer, layer_delta, h, cos, sin, allowed, chunk_tokens), None
 
     h, _ = jax.lax.scan(remat_layer(body, remat), h, (params["layers"], subtree(delta, "layers")))
     return h
@@ -477,6 +479,7 @@ def forward(
     position_ids: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     remat: str | Callable | bool | None = None,
+    chunk_tokens: int | None = CHUNK_TOKENS,
 ) -> jax.Array:
     """Logits `[B, T, vocab]` for `input_ids [B, T]`.
 
@@ -487,6 +490,8 @@ def forward(
     segment_ids: `[B, T]` int, for rows that pack several examples: attention stays
         inside each run of equal ids, so each example's logits are as if it were alone.
     remat: None, "full", "dots" or a `jax.checkpoint` policy for the layer body.
+    chunk_tokens: attention queries per block (`token_blocks`), bounding the score
+        matrix held at once; None: one block. An execution setting, not architecture.
 
     >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
     ...                   num_heads=4, num_kv_heads=2, head_dim=4)
@@ -495,5 +500,6 @@ def forward(
     (1, 5, 32)
     """
     h = hidden_states(cfg, params, input_ids, attention_mask, delta,
-                      position_ids=position_ids, segment_ids=segment_ids, remat=remat)
+                      position_ids=position_ids, segment_ids=segment_ids, remat=remat,
+                      chunk_tokens=chunk_tokens)
     return head(cfg, params, h, delta)

@@ -50,7 +50,7 @@ from spsft_jax.llama import LlamaConfig, Params
 from spsft_jax.trees import get
 from spsft_jax.losses import IGNORE_INDEX, cross_entropy
 
-# Unselected queries attend in blocks of max(k, this) (at most cfg.chunk_tokens):
+# Unselected queries attend in blocks of max(k, this) (at most `chunk_tokens`):
 # transients no larger than the selected path's, without a long loop of tiny blocks.
 MIN_QUERY_CHUNK = 64
 
@@ -263,9 +263,9 @@ def _attend_constant(q, keys, values, allowed, chunk: int):
     return jax.checkpoint(blocks, prevent_cse=False)(q, allowed)
 
 
-def _rest_query_chunk(cfg: LlamaConfig, k: int) -> int:
+def _rest_query_chunk(k: int, chunk_tokens: int | None) -> int:
     chunk = max(k, MIN_QUERY_CHUNK)
-    return min(chunk, cfg.chunk_tokens) if cfg.chunk_tokens else chunk
+    return min(chunk, chunk_tokens) if chunk_tokens else chunk
 
 
 def split_hidden_states(
@@ -279,6 +279,7 @@ def split_hidden_states(
     position_ids: jax.Array | None = None,
     remat: str | Callable | bool | None = None,
     query_chunk: int | None = None,
+    chunk_tokens: int | None = llama.CHUNK_TOKENS,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Decoder output before the final norm, split: (h_selected [B, k, D],
     h_rest [B, T-k, D] (constant: no gradient), rest_indices [B, T-k]).
@@ -286,7 +287,7 @@ def split_hidden_states(
     One `lax.scan` over the stacked layers carries both halves; arguments as `forward`.
     """
     b, t = input_ids.shape
-    chunk = query_chunk or _rest_query_chunk(cfg, token_indices.shape[1])
+    chunk = query_chunk or _rest_query_chunk(token_indices.shape[1], chunk_tokens)
     sel_idx = token_indices.astype(jnp.int32)
     rest_idx = unselected_indices(sel_idx, t)
     positions = llama.default_positions(input_ids) if position_ids is None else position_ids
@@ -315,7 +316,7 @@ def split_hidden_states(
             cfg, frozen_layer, frozen_layer_delta, h_rest, cos_rest, sin_rest)
         keys = jnp.concatenate([k_sel, k_rest], axis=1)
         values = jnp.concatenate([v_sel, v_rest], axis=1)
-        attn_sel = llama.attend(q_sel, keys, values, allowed_sel, cfg.chunk_tokens)
+        attn_sel = llama.attend(q_sel, keys, values, allowed_sel, chunk_tokens)
         attn_rest = _attend_constant(q_rest, jax.lax.stop_gradient(keys),
                                      jax.lax.stop_gradient(values), allowed_rest, chunk)
         h_sel = llama.layer_output(cfg, layer, layer_delta, h_sel, attn_sel)
@@ -338,6 +339,7 @@ def forward(
     position_ids: jax.Array | None = None,
     remat: str | Callable | bool | None = None,
     query_chunk: int | None = None,
+    chunk_tokens: int | None = llama.CHUNK_TOKENS,
 ) -> jax.Array:
     """Logits `[B, T, vocab]`, equal to `llama.forward`'s, with gradients through
     the selected tokens only.
@@ -345,7 +347,7 @@ def forward(
     token_indices: `[B, k]` distinct positions (e.g. from `select_tokens`) whose
     activations keep their gradient; every other token is a constant.
     query_chunk: the unselected queries attend this many at a time (default
-    max(k, 64), at most `cfg.chunk_tokens`); it bounds their transient scores and
+    max(k, 64), at most `chunk_tokens`); it bounds their transient scores and
     does not change the values. Other arguments as `llama.forward`.
 
     >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
@@ -358,7 +360,7 @@ def forward(
     """
     h_sel, h_rest, rest_idx = split_hidden_states(
         cfg, params, input_ids, token_indices, attention_mask, delta,
-        position_ids=position_ids, remat=remat, query_chunk=query_chunk)
+        position_ids=position_ids, remat=remat, query_chunk=query_chunk, chunk_tokens=chunk_tokens)
     # The head runs per path: the backward pass then multiplies only k rows.
     logits_sel = llama.head(cfg, params, h_sel, delta)
     frozen_params, frozen_delta = jax.lax.stop_gradient((params, delta))
@@ -379,23 +381,24 @@ def selected_causal_lm_loss(
     position_ids: jax.Array | None = None,
     remat: str | Callable | bool | None = None,
     query_chunk: int | None = None,
+    chunk_tokens: int | None = llama.CHUNK_TOKENS,
 ) -> tuple[jax.Array, jax.Array]:
     """(summed loss, number of loss tokens) over the selected positions: the value and
     gradient of `causal_lm_loss(forward(...), restrict_labels(labels, token_indices, valid))`
     without ever forming the `[B, T, vocab]` logits.
 
-    Only the selected tokens go through the head (`cfg.chunk_tokens` at a time), so
+    Only the selected tokens go through the head (`chunk_tokens` at a time), so
     the logits and their gradient are `[B, k, vocab]`; the unselected tokens' logits,
     which carry no loss, are never computed.
     """
     h_sel, _, _ = split_hidden_states(
         cfg, params, input_ids, token_indices, attention_mask, delta,
-        position_ids=position_ids, remat=remat, query_chunk=query_chunk)
+        position_ids=position_ids, remat=remat, query_chunk=query_chunk, chunk_tokens=chunk_tokens)
     targets = selected_targets(labels, token_indices, valid)
 
     def block_losses(h_and_targets):
         h, y = h_and_targets
         return cross_entropy(llama.head(cfg, params, h, delta), y)
 
-    token_losses, counts = llama.token_blocks(block_losses, (h_sel, targets), cfg.chunk_tokens)
+    token_losses, counts = llama.token_blocks(block_losses, (h_sel, targets), chunk_tokens)
     return token_losses.sum(), counts.sum(dtype=jnp.int32)

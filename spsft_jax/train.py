@@ -48,6 +48,8 @@ class TrainConfig:
     schedule: decay after warmup, "linear" or "cosine" to zero (as in the paper), or "constant".
     grad_accum: micro-batches per optimizer step (their gradients are token-weighted).
     remat: None or a policy name of `llama.REMAT_POLICIES` for the scanned layer body.
+    chunk_tokens: attention queries and loss positions per block (`llama.token_blocks`),
+        recomputed in the backward pass; None: one block.
     tokentune: fraction (0, 1] or count of tokens to backpropagate through; None for all.
     tokentune_loss: "selected" (loss on the selected positions, as TokenTune) or "all".
     tokentune_prefer: None (TokenTune's sampling: first, last and uniformly random tokens,
@@ -70,6 +72,7 @@ class TrainConfig:
     tokentune_loss: str = "selected"
     seed: int = 0
     tokentune_prefer: str | None = None
+    chunk_tokens: int | None = llama.CHUNK_TOKENS
 
     def __post_init__(self):
         if self.steps < 1:
@@ -176,9 +179,10 @@ def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, ke
     if key is not None:  # LoRA dropout draws from the step's key
         delta = deltas.with_dropout_keys(delta, jax.random.fold_in(key, 1))
     if tc.tokentune is None:
-        h = llama.hidden_states(cfg, params, ids, mask, delta, segment_ids=segments, remat=tc.remat)
+        h = llama.hidden_states(cfg, params, ids, mask, delta, segment_ids=segments, remat=tc.remat,
+                                chunk_tokens=tc.chunk_tokens)
         return chunked_causal_lm_loss(lambda x: llama.head(cfg, params, x, delta), h, labels,
-                                      cfg.chunk_tokens)
+                                      tc.chunk_tokens)
     from spsft_jax import tokentune
 
     if segments is not None:
@@ -188,8 +192,10 @@ def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, ke
     indices, valid = tokentune.sample_tokens(key, mask, fraction, prefer=prefer)
     if tc.tokentune_loss == "selected":
         return tokentune.selected_causal_lm_loss(cfg, params, ids, indices, labels, mask, delta,
-                                                 valid=valid, remat=tc.remat)
-    logits = tokentune.forward(cfg, params, ids, indices, mask, delta, remat=tc.remat)
+                                                 valid=valid, remat=tc.remat,
+                                                 chunk_tokens=tc.chunk_tokens)
+    logits = tokentune.forward(cfg, params, ids, indices, mask, delta, remat=tc.remat,
+                               chunk_tokens=tc.chunk_tokens)
     return causal_lm_loss(logits, labels)
 
 

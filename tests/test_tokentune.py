@@ -186,7 +186,8 @@ def test_loss_bearing_and_restrict_labels():
 
 # Jitted once at module level, so tests with the same shapes share a compilation.
 model_logits = jax.jit(llama.forward, static_argnums=0, static_argnames=("remat",))
-tokentune_logits = jax.jit(tt.forward, static_argnums=0, static_argnames=("remat", "query_chunk"))
+tokentune_logits = jax.jit(tt.forward, static_argnums=0,
+                           static_argnames=("remat", "query_chunk", "chunk_tokens"))
 
 
 @pytest.mark.parametrize("kind", ["random", "all", "ends"])
@@ -205,8 +206,7 @@ def test_logits_equal_the_model(params, delta, kind):
 def test_logits_equal_the_model_across_variants():
     """MQA, tied embeddings, biases, explicit positions, remat, and attention in blocks
     of `chunk_tokens` queries on both paths (selected: `llama.attend`'s own blocks)."""
-    variant = dict(num_kv_heads=1, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
-                   chunk_tokens=2)
+    variant = dict(num_kv_heads=1, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)
     cfg = llama.LlamaConfig(**{**CFG.__dict__, **variant})
     params = random_params(cfg, seed=2)
     mask = attention_mask("left")
@@ -214,7 +214,8 @@ def test_logits_equal_the_model_across_variants():
     indices, _ = selection("random", mask)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # as generation with left padding
     ref = model_logits(cfg, params, ids, mask, position_ids=positions)
-    ours = tokentune_logits(cfg, params, ids, indices, mask, position_ids=positions, remat="full")
+    ours = tokentune_logits(cfg, params, ids, indices, mask, position_ids=positions, remat="full",
+                            chunk_tokens=2)
     assert rel_err(ours, ref) < 1e-5
 
 
