@@ -162,7 +162,7 @@ def run_jax(case: Case, folder: Path, method: str, rank: int, tokentune, remat, 
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     optimizer = train.make_optimizer(tc)
     state = {"trainable": trainable, "opt": optimizer.init(trainable)}
-    step_fn = train.make_train_step(cfg, tc, optimizer)
+    step_fn = train.CompiledStep(train.make_train_step(cfg, tc, optimizer))  # as train_loop runs it
     ids = jnp.asarray(token_batch(case, cfg.vocab_size))[None]
     batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
     key = jax.random.key(0)

@@ -106,15 +106,51 @@ def _index_files(index: Path) -> list[Path]:
     return files
 
 
-def _read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+def _read_safetensors(path: Path) -> Iterator[tuple[str, "_StoredTensor"]]:
     from safetensors import SafetensorError
 
     try:
         with safe_open(path, framework="numpy") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+            names = list(f.keys())
+        for name in names:
+            # A handle keeps every page it has read mapped, and counted in the process's
+            # memory, until it closes: one per tensor keeps the load's peak near the weights.
+            with safe_open(path, framework="numpy") as f:
+                yield name, _StoredTensor(f.get_slice(name))
     except SafetensorError as err:  # a truncated or corrupt file
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+class _StoredTensor:
+    """A tensor still in its safetensors file: its shape now, its rows when sliced
+    (so it is copied where it belongs a block at a time, never read whole first)."""
+
+    def __init__(self, part):
+        self.part, self.shape = part, tuple(part.get_shape())
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.part[index]
+
+
+# Bytes copied (and checked) at a time from a stored tensor into its slot.
+COPY_BLOCK_BYTES = 16 << 20
+
+
+def _copy_finite(dest: np.ndarray, tensor, target) -> bool:
+    """`dest[...] = tensor` as `target` (an array or a `_StoredTensor`), a block of rows
+    at a time; whether every value is finite."""
+    if not tensor.shape:
+        dest[...] = np.asarray(tensor[...]).astype(target, copy=False)
+        return bool(np.isfinite(dest).all())
+    rows = max(1, COPY_BLOCK_BYTES // max(1, dest[0].nbytes))
+    finite = True
+    n = tensor.shape[0]
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)  # a stored tensor's slice must stay inside it
+        block = dest[start:stop]
+        block[...] = np.asarray(tensor[start:stop]).astype(target, copy=False)
+        finite &= bool(np.isfinite(block).all())
+    return finite
 
 
 def _read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -218,7 +254,7 @@ def assemble(cfg: llama.LlamaConfig, named, target, *, origin,
     finite (unless `allow_nonfinite`)."""
     expected = hf_names(cfg)
     shapes = {p: leaf.shape for p, leaf in leaf_paths(llama.param_shapes(cfg))}
-    buffers = {p: np.empty(shape, target) for p, shape in shapes.items()}
+    buffers = {p: _aligned_empty(shape, target) for p, shape in shapes.items()}
     seen: set[str] = set()
     for file, name, tensor in named:
         if name not in expected:
@@ -235,8 +271,7 @@ def assemble(cfg: llama.LlamaConfig, named, target, *, origin,
                 f"its config implies {tuple(want)}"
             )
         dest = buffers[leaf_path] if layer is None else buffers[leaf_path][layer]
-        dest[...] = tensor.astype(target, copy=False)
-        if not allow_nonfinite and not np.isfinite(dest).all():
+        if not _copy_finite(dest, tensor, target) and not allow_nonfinite:
             raise ValueError(f"{file}: tensor {name!r} holds NaN or Inf values "
                              f"(allow_nonfinite=True / --allow-nonfinite loads it anyway)")
         seen.add(name)
@@ -247,9 +282,23 @@ def assemble(cfg: llama.LlamaConfig, named, target, *, origin,
     return nest({p: _to_device(buffers, p) for p in list(buffers)})
 
 
+# On the CPU, `jax.device_put` adopts a host array aligned to this many bytes instead
+# of copying it, so a loaded model is held once, never twice.
+HOST_ALIGNMENT = 64
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(size + HOST_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
 def _to_device(buffers: dict, path) -> jax.Array:
-    # Hand each buffer to JAX and drop the host copy before the next one.
-    return jnp.asarray(buffers.pop(path))
+    # Hand each buffer to JAX (adopted on the CPU, copied to an accelerator) and drop
+    # our reference before the next one.
+    return jax.device_put(buffers.pop(path))
 
 
 def _natural_key(name: str):

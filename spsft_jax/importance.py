@@ -67,10 +67,14 @@ def magnitude(cfg: llama.LlamaConfig, params: llama.Params, targets="all-linear"
     `cfg` is unused (the weights carry their shapes); it keeps the metrics' signatures alike.
     """
     del cfg
-    return nest({
-        path: jnp.linalg.norm(_weight(params, path).astype(jnp.float32), axis=-1)
-        for path in _paths(targets)
-    })
+    return nest({path: _row_norms(_weight(params, path)) for path in _paths(targets)})
+
+
+@jax.jit
+def _row_norms(weight: jax.Array) -> jax.Array:
+    # Compiled, so the float32 copy and the squares fuse into the reduction: no
+    # temporary the size of the weight (they are the largest arrays there are).
+    return jnp.linalg.norm(weight.astype(jnp.float32), axis=-1)
 
 
 # --------------------------------------------------------------------------- Taylor
@@ -380,9 +384,8 @@ def _example_losses(cfg, params, h, labels, loss_fn):
         logits = llama.head(cfg, params, h)
         return jax.vmap(lambda lg, lb: loss_fn(lg[None], lb[None]))(logits, labels)
     targets = jnp.pad(labels[:, 1:], ((0, 0), (0, 1)), constant_values=losses.IGNORE_INDEX)
-    token_losses, counts = llama.token_blocks(
-        lambda hy: losses.cross_entropy(llama.head(cfg, params, hy[0]), hy[1]),
-        (h, targets), llama.CHUNK_TOKENS)
+    token_losses, counts = losses.blocked_cross_entropy(lambda x: llama.head(cfg, params, x), h,
+                                                        targets, llama.CHUNK_TOKENS)
     return token_losses.sum(-1), counts.sum(-1, dtype=jnp.int32)
 
 

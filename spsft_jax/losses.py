@@ -61,19 +61,43 @@ def mean_causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return total / jnp.maximum(count, 1)
 
 
+# Logit elements per block of the loss: a block's logits, their softmax and their
+# gradient are the loss's working memory, so a larger vocabulary or batch gets fewer
+# tokens per block (Llama 3's 128k vocabulary: 32 tokens a row; 16 MiB of float32).
+LOGIT_BLOCK_ELEMENTS = 2**22
+
+
+def logit_block_tokens(chunk: int | None, batch: int, vocab: int, tokens: int) -> int | None:
+    """Tokens per loss block: at most `chunk`, and at most `LOGIT_BLOCK_ELEMENTS`
+    logits per block; `None` (no blocking) stays `None`. A size down to half that
+    which divides `tokens` is preferred: no shorter last block to compile apart."""
+    if not chunk:
+        return chunk
+    bound = max(1, min(chunk, LOGIT_BLOCK_ELEMENTS // (batch * vocab)))
+    return next((size for size in range(bound, bound // 2, -1) if tokens % size == 0), bound)
+
+
+def blocked_cross_entropy(
+    head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array, chunk: int | None
+) -> tuple[jax.Array, jax.Array]:
+    """`cross_entropy(head(hidden), targets)` a block of tokens at a time: `([B, T], [B, T])`.
+
+    head: hidden states `[B, c, D]` -> logits `[B, c, vocab]`. Each block's logits are
+    recomputed in the backward pass, so the `[B, T, vocab]` logits and their gradient
+    never exist at once (they dominate memory for large vocabularies).
+    """
+    vocab = jax.eval_shape(head, hidden[:, :1]).shape[-1]
+    block = logit_block_tokens(chunk, hidden.shape[0], vocab, hidden.shape[1])
+    return llama.token_blocks(lambda hy: cross_entropy(head(hy[0]), hy[1]), (hidden, targets), block)
+
+
 def chunked_causal_lm_loss(
     head: Callable[[jax.Array], jax.Array], hidden: jax.Array, labels: jax.Array, chunk: int | None
 ) -> tuple[jax.Array, jax.Array]:
-    """`causal_lm_loss(head(hidden), labels)` computed `chunk` positions at a time.
-
-    head: final hidden states `[B, c, D]` -> logits `[B, c, vocab]`. Each block's logits
-    are recomputed in the backward pass, so the `[B, T, vocab]` logits and their
-    gradient never exist at once (they dominate memory for large vocabularies).
-    """
+    """`causal_lm_loss(head(hidden), labels)` computed in blocks of at most `chunk`
+    positions (`blocked_cross_entropy`)."""
     b = labels.shape[0]
     # Position t predicts labels[t + 1]; the last position predicts nothing.
     targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE_INDEX, labels.dtype)], axis=1)
-
-    losses, counts = llama.token_blocks(lambda hy: cross_entropy(head(hy[0]), hy[1]),
-                                        (hidden, targets), chunk)
+    losses, counts = blocked_cross_entropy(head, hidden, targets, chunk)
     return losses.sum(), counts.sum(dtype=jnp.int32)

@@ -48,7 +48,7 @@ import numpy as np
 from spsft_jax import llama
 from spsft_jax.llama import LlamaConfig, Params
 from spsft_jax.trees import get
-from spsft_jax.losses import IGNORE_INDEX, cross_entropy
+from spsft_jax.losses import IGNORE_INDEX, blocked_cross_entropy
 
 # Unselected queries attend in blocks of max(k, this) (at most `chunk_tokens`):
 # transients no larger than the selected path's, without a long loop of tiny blocks.
@@ -396,9 +396,6 @@ def selected_causal_lm_loss(
         position_ids=position_ids, remat=remat, query_chunk=query_chunk, chunk_tokens=chunk_tokens)
     targets = selected_targets(labels, token_indices, valid)
 
-    def block_losses(h_and_targets):
-        h, y = h_and_targets
-        return cross_entropy(llama.head(cfg, params, h, delta), y)
-
-    token_losses, counts = llama.token_blocks(block_losses, (h_sel, targets), chunk_tokens)
+    token_losses, counts = blocked_cross_entropy(lambda h: llama.head(cfg, params, h, delta), h_sel,
+                                                 targets, chunk_tokens)
     return token_losses.sum(), counts.sum(dtype=jnp.int32)

@@ -20,6 +20,7 @@ The step takes `frozen` as a plain argument (never differentiated) and donates
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import time
@@ -110,12 +111,10 @@ def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """AdamW on the schedule, after optional global-norm clipping."""
-    adamw = optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
-                        weight_decay=tc.weight_decay)
-    if tc.max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), adamw)
+    """AdamW on the schedule. It acts element by element; the global-norm clipping
+    (`tc.max_grad_norm`) is applied to the whole gradient by the step before it."""
+    return optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                       weight_decay=tc.weight_decay)
 
 
 # --------------------------------------------------------------------------- trainable / frozen
@@ -232,18 +231,80 @@ def make_train_step(cfg: llama.LlamaConfig, tc: TrainConfig, optimizer: optax.Gr
             (loss_sum, tokens, grads), _ = jax.lax.scan(accumulate, init, (batch, keys))
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
         loss, grad_norm = loss_sum / denom, optax.global_norm(grads)
+        if tc.max_grad_norm is not None:
+            grads, _ = optax.clip_by_global_norm(tc.max_grad_norm).update(grads, optax.EmptyState())
         # A step whose loss, gradient or update is not finite (an update whose norm
         # overflows counts) is not applied: the state stays as it was, and finetune stops.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        trainable, opt_state = (jax.tree.map(keep, optax.apply_updates(trainable, updates), trainable),
-                                jax.tree.map(keep, new_opt_state, opt_state))
+        # The check runs before the update, so the update itself is made in place.
+        update_sq = layerwise_update_sq_norm(optimizer, grads, opt_state, trainable, cfg.num_layers)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_sq)
+        trainable, opt_state = jax.lax.cond(finite, functools.partial(_apply_update, optimizer),
+                                            lambda g, s, t: (t, s), grads, opt_state, trainable)
         metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "finite": finite}
         return trainable, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+class CompiledStep:
+    """A jitted step, compiled ahead of its first run once per batch shape (and per
+    placement). Freed host memory is handed back (`memory.release_host_memory`) before
+    compiling, and the compiler's scratch after it, before the step allocates its own
+    buffers: otherwise each would add to the process's peak."""
+
+    def __init__(self, step):
+        self.step, self.executables = step, {}
+
+    def __call__(self, *args):
+        signature = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(args))
+        executable = self.executables.get(signature)
+        if executable is None:
+            from spsft_jax.memory import release_host_memory  # memory imports this module
+
+            release_host_memory()
+            executable = self.executables[signature] = self.step.lower(*args).compile()
+            release_host_memory()
+        return executable(*args)
+
+
+def _apply_update(optimizer, grads, opt_state, trainable):
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state
+
+
+def _in_layers(path) -> bool:
+    return any(isinstance(k, jax.tree_util.DictKey) and k.key == "layers" for k in path)
+
+
+def _layer_view(tree, layer):
+    """`tree` with each leaf under "layers" cut to layer `layer` (all of them emptied
+    when `layer` is None) and every other array leaf whole (emptied otherwise); scalars
+    such as the optimizer's step count stay as they are."""
+    def cut(path, x):
+        if jnp.ndim(x) == 0:
+            return x
+        if _in_layers(path):
+            return x[:0] if layer is None else jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
+        return x if layer is None else x[:0]
+    return jax.tree_util.tree_map_with_path(cut, tree)
+
+
+def layerwise_update_sq_norm(optimizer, grads, opt_state, trainable, num_layers: int) -> jax.Array:
+    """The squared norm of `optimizer`'s update, computed one layer at a time.
+
+    The optimizer must act element by element (AdamW does): then each layer's slice of
+    the update is the update of that layer's slices, and no update the size of the whole
+    trainable tree is ever held beside the state it would replace."""
+    def sq_norm(layer):
+        views = [_layer_view(t, layer) for t in (grads, opt_state, trainable)]
+        updates, _ = optimizer.update(*views)
+        return sum((jnp.sum(jnp.square(u.astype(jnp.float32))) for u in jax.tree.leaves(updates)),
+                   jnp.zeros((), jnp.float32))
+
+    if not any(_in_layers(path) for path, _ in jax.tree_util.tree_leaves_with_path(trainable)):
+        return sq_norm(None)
+    return jax.lax.fori_loop(0, num_layers, lambda i, total: total + sq_norm(i), sq_norm(None))
 
 
 # --------------------------------------------------------------------------- data
@@ -353,7 +414,7 @@ def train_loop(cfg: llama.LlamaConfig, tc: TrainConfig, optimizer: optax.Gradien
     """Steps `first .. tc.steps - 1` over `data` from `state` ({"trainable", "opt_state"}):
     (the final state, one `step_record` per step). A step that was not applied raises."""
     checkpoints = checkpoints or Checkpoints(None)
-    step = make_train_step(cfg, tc, optimizer)
+    step = CompiledStep(make_train_step(cfg, tc, optimizer))
     place, schedule, base_key = _placement(mesh), learning_rate_schedule(tc), jax.random.key(tc.seed + 1)
     history: list[dict] = []
     bar = _progress(tc.steps, first, progress)

@@ -858,3 +858,33 @@ def test_package_without_one_gguf_is_refused():
     with pytest.raises(ValueError, match="found 0") as err:
         sj.interop.gguf_file.package_gguf("pytest")
     assert "pytest" in _error_message(err)
+
+
+_LOAD_PEAK = """
+import json, resource, sys
+import jax, jax.numpy as jnp
+from spsft_jax import interop
+
+jnp.ones(1).block_until_ready()
+before = int(open("/proc/self/statm").read().split()[1]) * 4096
+cfg, params = interop.load_hf(sys.argv[1])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"before": before, "peak": peak,
+                  "weights": sum(x.nbytes for x in jax.tree.leaves(params))}))
+"""
+
+
+def test_load_holds_the_weights_once(tmp_path):
+    """The load's peak is the weights plus a block: each tensor is copied into its slot
+    from the file a block at a time, and the CPU adopts the slots without a copy (before,
+    the mapped file and the host buffers each added a second copy of the model)."""
+    import subprocess
+    import sys
+
+    make_hf_model(tmp_path, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=8, head_dim=64, vocab_size=2048)
+    out = subprocess.run([sys.executable, "-c", _LOAD_PEAK, str(tmp_path)], capture_output=True,
+                         text=True, check=True)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m["weights"] > 60 * 2**20  # large enough for a second copy to show
+    assert m["peak"] - m["before"] < 1.2 * m["weights"] + 24 * 2**20, m

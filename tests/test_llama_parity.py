@@ -113,3 +113,20 @@ def test_token_blocks_never_exceed_the_block_size():
     x = jnp.arange(2 * 11 * 3, dtype=jnp.float32).reshape(2, 11, 3)
     np.testing.assert_array_equal(jax.jit(lambda x: sj.llama.token_blocks(fn, x, 4))(x), 2 * x)
     assert seen and max(seen) <= 4 and 3 in seen
+
+
+def test_loss_blocks_bound_the_logits_and_prefer_a_divisor():
+    from spsft_jax import losses
+
+    budget = losses.LOGIT_BLOCK_ELEMENTS
+    # Llama 3's vocabulary at batch 1: 32 tokens a block, which divides 2048.
+    assert losses.logit_block_tokens(512, 1, 128256, 2048) == budget // 128256 == 32
+    # A small vocabulary is held to the attention block size.
+    assert losses.logit_block_tokens(512, 2, 64, 4096) == 512
+    for chunk, batch, vocab, tokens in [(512, 8, 49152, 64), (512, 8, 49152, 67), (64, 3, 5000, 100)]:
+        size = losses.logit_block_tokens(chunk, batch, vocab, tokens)
+        assert 1 <= size <= chunk and size * batch * vocab <= budget
+        bound = min(chunk, budget // (batch * vocab))
+        divisors = [s for s in range(bound // 2 + 1, bound + 1) if tokens % s == 0]
+        assert size == (max(divisors) if divisors else bound)
+    assert losses.logit_block_tokens(None, 1, 10, 10) is None

@@ -459,3 +459,66 @@ def test_train_loop_in_two_parts_equals_one_run(params):
     assert [r["loss"] for r in second] == pytest.approx([r["loss"] for r in history[2:]], rel=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                  rest["trainable"], whole["trainable"])
+
+
+# --------------------------------------------------------------------------- the update
+
+
+def test_step_is_adamw_after_clipping_the_whole_gradient(params):
+    """The step clips the whole gradient, then applies AdamW: the same update as
+    `optax.chain(clip_by_global_norm, adamw)` on that gradient."""
+    batch = jax.tree.map(lambda x: jnp.asarray(x)[None], DATA[0])
+    trainable, frozen = train.prepare(params, SELECTION)
+    trainable = _random_like(trainable, jax.random.key(5))
+    copy = lambda t: jax.tree.map(lambda x: jnp.array(x, copy=True), t)  # noqa: E731 (donated)
+    sgd = optax.sgd(1.0)
+    plain = train.make_train_step(CFG, train.TrainConfig(steps=1, max_grad_norm=None), sgd)
+    after_sgd, _, metrics = plain(copy(trainable), sgd.init(trainable), frozen, batch, jax.random.key(0))
+    grads = jax.tree.map(lambda a, b: a - b, trainable, after_sgd)
+    max_norm = 0.5 * float(metrics["grad_norm"])  # so the clipping acts
+
+    tc = train.TrainConfig(steps=3, warmup=0, learning_rate=1e-2, max_grad_norm=max_norm)
+    adamw = train.make_optimizer(tc)
+    # Moments from an earlier step: Adam's first step barely sees the gradient's scale.
+    _, state = adamw.update(_random_like(trainable, jax.random.key(6)), adamw.init(trainable), trainable)
+    ours, _, _ = train.make_train_step(CFG, tc, adamw)(copy(trainable), copy(state), frozen, batch,
+                                                       jax.random.key(0))
+    reference = optax.chain(optax.clip_by_global_norm(max_norm), adamw)
+    updates, _ = reference.update(grads, (optax.EmptyState(), state), trainable)
+    expected = optax.apply_updates(trainable, updates)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    unclipped = optax.apply_updates(trainable, adamw.update(grads, state, trainable)[0])
+    assert max(_rel(a, b) for a, b in zip(jax.tree.leaves(unclipped), jax.tree.leaves(expected))) > 1e-3
+
+
+def test_layerwise_update_norm_is_the_whole_update_norm(params):
+    trainable, _ = train.prepare(params, SELECTION, tune_norms=True)
+    paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(trainable)]
+    assert any(train._in_layers(p) for p in paths) and not all(train._in_layers(p) for p in paths)
+    trainable = _random_like(trainable, jax.random.key(1))
+    grads = _random_like(trainable, jax.random.key(2))
+    optimizer = train.make_optimizer(train.TrainConfig(steps=3, warmup=0, weight_decay=0.1))
+    _, state = optimizer.update(_random_like(trainable, jax.random.key(3)), optimizer.init(trainable),
+                                trainable)  # moments and step count that are not zero
+    updates, _ = optimizer.update(grads, state, trainable)
+    got = jax.jit(train.layerwise_update_sq_norm, static_argnums=(0, 4))(optimizer, grads, state,
+                                                                         trainable, L)
+    np.testing.assert_allclose(got, optax.global_norm(updates) ** 2, rtol=1e-5)
+
+
+def test_compiled_step_compiles_once_per_batch_shape(params):
+    tc = train.TrainConfig(steps=1)
+    optimizer = train.make_optimizer(tc)
+    step = train.make_train_step(CFG, tc, optimizer)
+    compiled = train.CompiledStep(step)
+    trainable, frozen = train.prepare(params, SELECTION)
+    copy = lambda t: jax.tree.map(lambda x: jnp.array(x, copy=True), t)  # noqa: E731 (donated)
+    for seq in (10, 12, 10):
+        batch = jax.tree.map(lambda x: jnp.asarray(x)[None], _batch(seq, seq=seq))
+        args = (trainable, optimizer.init(trainable), frozen, batch, jax.random.key(seq))
+        got = compiled(copy(args[0]), copy(args[1]), *args[2:])
+        want = step(copy(args[0]), copy(args[1]), *args[2:])
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b)
+    assert len(compiled.executables) == 2
