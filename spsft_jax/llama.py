@@ -361,14 +361,35 @@ def attention_output(cfg, layer, layer_delta, attn: jax.Array) -> jax.Array:
                   subtree(layer_delta, "self_attn", "o_proj"))
 
 
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """`silu(gate) * up`, keeping only `gate` and `up` for the backward pass: autodiff
+    would also keep `silu(gate)` and its sigmoid, two more `[tokens, intermediate]`
+    arrays per layer (the largest activations there are); they are recomputed instead."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, dy):
+    gate, up = residuals
+    sigmoid = jax.nn.sigmoid(gate)
+    # d silu(g) / dg = sigmoid(g) (1 + g (1 - sigmoid(g)))
+    return dy * up * (sigmoid * (1 + gate * (1 - sigmoid))), dy * (gate * sigmoid)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 def mlp_block(cfg, layer, layer_delta, h: jax.Array) -> jax.Array:
     """Residual MLP half of a decoder layer: `h + down(silu(gate(n)) * up(n))`."""
     mlp, d = layer["mlp"], subtree(layer_delta, "mlp")
     x = rms_norm(h, layer["post_attention_layernorm"], cfg.rms_norm_eps,
                  subtree(layer_delta, "post_attention_layernorm"))
-    gated = jax.nn.silu(linear(x, mlp["gate_proj"], subtree(d, "gate_proj"))) * linear(
-        x, mlp["up_proj"], subtree(d, "up_proj")
-    )
+    gated = swiglu(linear(x, mlp["gate_proj"], subtree(d, "gate_proj")),
+                   linear(x, mlp["up_proj"], subtree(d, "up_proj")))
     return h + linear(gated, mlp["down_proj"], subtree(d, "down_proj"))
 
 

@@ -68,7 +68,8 @@ def test_remat_policies_give_the_same_gradients(tmp_path, capsys):
     for policy in ("full", "dots"):
         got = jax.grad(loss)(params, policy)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(plain)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+            # Recomputation regroups float sums: float32 rounding relative to the gradient's scale.
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
     assert saved("full") < saved("dots") < saved(None)
 
 
@@ -130,3 +131,24 @@ def test_loss_blocks_bound_the_logits_and_prefer_a_divisor():
         divisors = [s for s in range(bound // 2 + 1, bound + 1) if tokens % s == 0]
         assert size == (max(divisors) if divisors else bound)
     assert losses.logit_block_tokens(None, 1, 10, 10) is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_swiglu_gradient_is_autodiffs(dtype):
+    """`swiglu` keeps only its inputs for the backward pass; its gradient is the one
+    autodiff gives `silu(gate) * up`."""
+    import jax
+
+    gate, up, dy = (jax.random.normal(jax.random.key(i), (3, 7, 11), dtype) * 3 for i in range(3))
+
+    def reference(g, u):
+        return jax.nn.silu(g) * u
+
+    got_y, got_vjp = jax.vjp(sj.llama.swiglu, gate, up)
+    want_y, want_vjp = jax.vjp(reference, gate, up)
+    tol = {"float32": 1e-6, "bfloat16": 2e-2}[dtype]
+    np.testing.assert_allclose(np.asarray(got_y, np.float32), np.asarray(want_y, np.float32), rtol=tol)
+    for got, want in zip(got_vjp(dy), want_vjp(dy)):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   rtol=tol, atol=tol)
