@@ -162,7 +162,7 @@ def check_batch(size: int, mesh: Mesh) -> None:
     ways = math.prod(dict(mesh.shape)[a] for a in batch_axes(mesh))
     if size % ways:
         raise ValueError(f"batch of {size} examples: does not split over the mesh's "
-                         f"{'x'.join(batch_axes(mesh))} = {ways} devices; use a multiple of {ways}")
+                         f"{'*'.join(batch_axes(mesh))} = {ways} devices; use a multiple of {ways}")
 
 
 # --------------------------------------------------------------------------- placing
