@@ -32,14 +32,16 @@ SCRIPT = textwrap.dedent("""
     cfg = sj.llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                                num_heads=4, num_kv_heads=2, head_dim=8)
     params = sj.llama.init_params(cfg, jax.random.key(0))
-    selection = sj.selection.select(sj.importance.magnitude(cfg, params), rank=4)
+    # Three kinds of linear (a narrow GQA projection, MLP in and out): each module compiles.
+    targets = ["k_proj", "up_proj", "down_proj"]
+    selection = sj.selection.select(sj.importance.magnitude(cfg, params, targets=targets), rank=4)
     rng = np.random.default_rng(0)
     data = []
     for _ in range(2):
         ids = rng.integers(0, cfg.vocab_size, (8, 12)).astype(np.int32)
         mask = np.ones_like(ids); mask[:3, 9:] = 0
         data.append({"input_ids": ids, "attention_mask": mask, "labels": np.where(mask == 1, ids, -100)})
-    methods = {"spsft": dict(method="spsft"), "lora": dict(method="lora", rank=4),
+    methods = {"spsft": dict(method="spsft"), "lora": dict(method="lora", rank=4, targets=targets),
                "tokentune": dict(method="spsft", tokentune=0.5)}
 
     def rel(a, b):
@@ -48,12 +50,12 @@ SCRIPT = textwrap.dedent("""
         diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
         return diff / max(float(np.max(np.abs(np.asarray(x)))) for x in a)
 
-    def gradients(mesh):
-        # every method's gradient at the start, from one jit
+    def gradients(mesh, names):
+        # the methods' gradients at the start, from one jit
         batch = jax.tree.map(jnp.asarray, sj.data.normalize_batch(data[0]))
-        halves = {name: train.prepare(params, selection, method=options["method"],
-                                      rank=options.get("rank", 8))
-                  for name, options in methods.items()}
+        halves = {name: train.prepare(params, selection, method=methods[name]["method"],
+                                      rank=methods[name].get("rank", 8), targets=targets)
+                  for name in names}
         if mesh is not None:
             halves = {name: (sharding.shard(t, mesh), sharding.shard(f, mesh))
                       for name, (t, f) in halves.items()}
@@ -69,27 +71,31 @@ SCRIPT = textwrap.dedent("""
         return jax.jit(all_grads)({name: t for name, (t, _) in halves.items()})
 
     run = dict(config=cfg, steps=3, learning_rate=1e-2)
-    plain_grads = gradients(None)
+    # Whole gradients: every method on the mesh with both axes, SPSFT on the others
+    # (each compile costs seconds); every run below also compares its per-step gradient norms.
+    plain_grads = gradients(None, list(methods))
     for spec in sys.argv[1].split(";"):
-        mesh = sharding.make_mesh(spec)
-        grads = gradients(mesh)
-        for name in methods:
-            out[f"{name}/{spec}"] = {"grad": rel(plain_grads[name], grads[name])}
+        names = list(methods) if spec == "data=2,fsdp=4" else ["spsft"]
+        grads = gradients(sharding.make_mesh(spec), names)
+        for name in names:
+            out[f"grad/{name}/{spec}"] = rel(plain_grads[name], grads[name])
+    def relative(a, b):
+        return max(abs(x - y) / abs(x) for x, y in zip(a, b))
     for name, options in methods.items():
         plain = sj.finetune(params, selection, data, **run, **options)
         for spec in sys.argv[1].split(";"):
             mesh = sharding.make_mesh(spec)
             sharded = sj.finetune(params, selection, data, mesh=mesh, **run, **options)
-            losses = [h["loss"] for h in plain.history], [h["loss"] for h in sharded.history]
-            out[f"{name}/{spec}"].update({
-                "loss": max(abs(a - b) / abs(a) for a, b in zip(*losses)),
-                "delta": rel(plain.delta, sharded.delta)})
+            out[f"{name}/{spec}"] = {
+                key: relative([h[key] for h in plain.history], [h[key] for h in sharded.history])
+                for key in ("loss", "grad_norm")}
+            out[f"{name}/{spec}"]["delta"] = rel(plain.delta, sharded.delta)
 
     # Importance scores on a mesh (the paper's Taylor form, and magnitude).
     mesh = sharding.make_mesh("data=2,fsdp=4")
     out["importance"] = {
-        "taylor": rel(sj.importance.taylor(cfg, params, data),
-                      sj.importance.taylor(cfg, params, data, mesh=mesh)),
+        "taylor": rel(sj.importance.taylor(cfg, params, data, targets),
+                      sj.importance.taylor(cfg, params, data, targets, mesh=mesh)),
         "magnitude": rel(sj.importance.magnitude(cfg, params),
                          sj.importance.magnitude(cfg, params, mesh=mesh))}
 
@@ -167,9 +173,16 @@ def measured():
 
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("what", ["loss", "grad", "delta"])
+@pytest.mark.parametrize("what", ["loss", "grad_norm", "delta"])
 def test_sharded_training_equals_one_device(measured, method, mesh, what):
+    """Three steps: per-step loss and gradient norm, and the trained delta."""
     assert measured[f"{method}/{mesh}"][what] <= TOL
+
+
+@pytest.mark.parametrize("method,mesh", [(m, "data=2,fsdp=4") for m in METHODS]
+                         + [("spsft", "data=8"), ("spsft", "fsdp=8")])
+def test_sharded_gradients_equal_one_device(measured, method, mesh):
+    assert measured[f"grad/{method}/{mesh}"] <= TOL
 
 
 @pytest.mark.parametrize("mesh,fsdp", [("fsdp=8", 8), ("data=2,fsdp=4", 4)])
