@@ -289,11 +289,11 @@ def device_plan(cfg: llama.LlamaConfig, mesh, *, method: str = "spsft", rank: in
 
     mesh = sharding.make_mesh(mesh)
     plan_row = sharded_sizes(cfg, mesh, method=method, rank=rank, targets=targets, dtype=dtype)
+    start = time.perf_counter()
     lowered, _ = lowered_train_step(
         cfg, llama.param_shapes(cfg, dtype), _plan_selection(cfg, method, targets, rank),
         batch_shape=(batch_size, seq_len), method=method, targets=targets, rank=rank, remat=remat,
         tokentune=tokentune, mesh=mesh)
-    start = time.perf_counter()
     total, temp = read(lowered.compile())
     return {**plan_row, "method": method, "rank": rank, "batch_size": batch_size, "seq_len": seq_len,
             "remat": remat, "tokentune": tokentune, "dtype": jnp.dtype(dtype).name,
@@ -305,6 +305,7 @@ def plan_on_devices(cfg: llama.LlamaConfig, mesh, **options) -> dict:
     """`device_plan`, here when this machine has the devices the mesh needs, else in a
     child process on as many CPU devices forced with
     `XLA_FLAGS=--xla_force_host_platform_device_count=N` (set before JAX starts there)."""
+    import json
     import os
     import pickle
     import subprocess
@@ -329,6 +330,4 @@ def plan_on_devices(cfg: llama.LlamaConfig, mesh, **options) -> dict:
         error = done.stderr.decode().strip().splitlines()
         last = error[-1].split(": ", 1)[-1] if error else f"exit status {done.returncode}"
         raise ValueError(f"plan on {needed} forced CPU devices: {last}")
-    import json
-
     return json.loads(found[-1])

@@ -154,6 +154,17 @@ SCRIPT = textwrap.dedent("""
     out["load"]["export_diff"] = max(
         float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
         for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(sj.interop.load_hf(again)[1])))
+
+    # The command line: select --mesh (finetune --mesh runs the same finetune(mesh=) as above).
+    from spsft_jax import cli
+    picked = {}
+    for mesh in (None, "data=2,fsdp=4"):
+        file = tempfile.mkdtemp() + "/selection.safetensors"
+        argv = ["select", "--metric", "magnitude", "--rank", "4", "--out", file]
+        assert cli.main(argv + (["--mesh", mesh] if mesh else [])) == 0
+        picked[mesh] = sj.selection.load(file)[0]
+    out["cli"] = {"same_selection": all(bool(np.array_equal(a, b)) for a, b in
+                                        zip(jax.tree.leaves(picked[None]), jax.tree.leaves(picked["data=2,fsdp=4"])))}
     print("RESULT " + json.dumps(out))
 """)
 
@@ -282,3 +293,18 @@ def test_cli_plan_on_a_mesh_compiles_on_forced_devices(capsys):
     assert plan["activations_bytes"] > 0 and plan["total_bytes"] > plan["weights_bytes"]
     assert cli.main(argv + ["3"]) == 2  # 3 examples do not split over 4 devices
     assert "does not split" in capsys.readouterr().err
+
+
+def test_cli_select_on_a_mesh_equals_one_device(measured):
+    assert measured["cli"]["same_selection"]
+
+
+def test_cli_finetune_mesh_needs_its_devices(tmp_path, capsys):
+    from spsft_jax import cli
+
+    argv = ["finetune", "--mesh", "data=2,fsdp=4", "--steps", "1", "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 2
+    assert "needs 8 devices, 1 present" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert cli.main(["finetune", "--mesh", "data=2;fsdp=4", "--out", str(tmp_path / "x")]) == 2
+    assert "AXIS=SIZE" in capsys.readouterr().err
