@@ -2,6 +2,7 @@
 
     python benchmarks/sharding.py              # 7B plans for fsdp 1..8, 70B on 8, CPU step times
     python benchmarks/sharding.py --skip-70b --skip-time
+    python benchmarks/sharding.py --skip-plans          # the step times only
 
 What is measured: `spsft_jax.memory.plan_on_devices` (the step compiled from shapes
 on forced CPU devices; weights, trainable and optimizer state per device from the
@@ -82,8 +83,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--skip-70b", action="store_true")
     p.add_argument("--skip-time", action="store_true")
+    p.add_argument("--skip-plans", action="store_true")
     args = p.parse_args()
-    plan_rows(args)
+    if not args.skip_plans:
+        plan_rows(args)
     if not args.skip_time:
         step_times()
 

@@ -20,6 +20,8 @@ A leaf is split along its largest dimension that the fsdp size divides (never th
 stacked layer axis, which `lax.scan` walks); vectors, integer metadata and leaves
 with no such dimension are replicated. The same rules hold for arrays and for
 `jax.ShapeDtypeStruct`s, so memory plans compile exactly what training runs.
+There is no tensor-parallel axis: fsdp already splits every large array, and the
+measured plans (benchmarks/README.md) fit Llama-3.1-70B on 8 devices without one.
 """
 from __future__ import annotations
 
@@ -100,11 +102,6 @@ def make_mesh(spec: str | Mapping[str, int] | Mesh | None = None, devices=None) 
 
 def _show(sizes: Mapping[str, int]) -> str:
     return ",".join(f"{a}={n}" for a, n in sizes.items())
-
-
-def describe(mesh: Mesh) -> str:
-    """ "data=2,fsdp=4" for a mesh."""
-    return _show(dict(mesh.shape))
 
 
 def fsdp_size(mesh: Mesh) -> int:
