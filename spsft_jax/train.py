@@ -378,8 +378,9 @@ def finetune(
     method: "spsft", "lora", "dense" or "head".
     alpha, dropout: LoRA's scale numerator and input dropout (the paper's baseline: 16, 0.1).
     tokentune: fraction (or count) of tokens to backpropagate through (TokenTune).
-    mesh: a `jax.sharding.Mesh`; batches are split over its first axis (data parallel),
-        parameters replicated.
+    mesh: a `jax.sharding.Mesh` with "data" / "fsdp" axes (`spsft_jax.sharding.make_mesh`),
+        or a spec such as "data=2,fsdp=4": batches split over both axes, frozen weights,
+        trainable delta and optimizer state split over fsdp (`spsft_jax.sharding`).
     checkpoint_dir: save the trainable pytree and optimizer state there (orbax) every
         `checkpoint_every` steps and at the end; a run pointed at a folder holding a
         checkpoint resumes from its step (skipping the batches already seen).
@@ -414,7 +415,10 @@ def train_loop(cfg: llama.LlamaConfig, tc: TrainConfig, optimizer: optax.Gradien
     """Steps `first .. tc.steps - 1` over `data` from `state` ({"trainable", "opt_state"}):
     (the final state, one `step_record` per step). A step that was not applied raises."""
     checkpoints = checkpoints or Checkpoints(None)
-    step = CompiledStep(make_train_step(cfg, tc, optimizer))
+    step = make_train_step(cfg, tc, optimizer)
+    if mesh is not None:
+        mesh, state, frozen, step = _on_mesh(mesh, state, frozen, step)
+    step = CompiledStep(step)
     place, schedule, base_key = _placement(mesh), learning_rate_schedule(tc), jax.random.key(tc.seed + 1)
     history: list[dict] = []
     bar = _progress(tc.steps, first, progress)
@@ -522,11 +526,19 @@ def _progress(total: int, first: int, enabled: bool):
     return tqdm(total=total, initial=first, desc="finetune", unit="step", disable=not enabled)
 
 
+def _on_mesh(mesh, state: dict, frozen: dict, step):
+    """(mesh, state, frozen, step) laid out by `spsft_jax.sharding`'s rules."""
+    from spsft_jax import sharding
+
+    mesh = sharding.make_mesh(mesh)
+    state, frozen = sharding.shard(state, mesh), sharding.shard(frozen, mesh)
+    return mesh, state, frozen, sharding.sharded_step(step, mesh, state["trainable"], state["opt_state"])
+
+
 def _placement(mesh):
     if mesh is None:
         return lambda batch: jax.tree.map(jnp.asarray, batch)
-    from jax.sharding import NamedSharding, PartitionSpec
+    from spsft_jax import sharding
 
-    # [grad_accum, batch, seq]: split the batch axis over the mesh's first axis.
-    sharding = NamedSharding(mesh, PartitionSpec(None, mesh.axis_names[0]))
-    return lambda batch: jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
+    # [grad_accum, batch, seq]: the batch axis split over ("data", "fsdp").
+    return lambda batch: sharding.place_batch(batch, mesh, axis=1)
