@@ -2,7 +2,7 @@
 
     python benchmarks/vs_peft.py                   # synthetic Llama, and SmolLM2-135M if installed
     python benchmarks/vs_peft.py --quick           # fewer steps, synthetic only
-    python benchmarks/vs_peft.py --remat --json    # add our remat="full" rows; JSON lines only
+    python benchmarks/vs_peft.py --remat --json    # add our remat="dots"/"full" rows; JSON lines only
     python benchmarks/vs_peft.py --cases synthetic
 
 Every case runs in a fresh subprocess, so its peak RSS (`ru_maxrss` read at the end
@@ -64,7 +64,9 @@ CASES = {
 RUNS = [("peft", "lora", None, None), ("spsft-jax", "lora", None, None),
         ("spsft-jax", "spsft", None, None), ("spsft-jax", "spsft", 0.25, None),
         ("spsft-jax", "dense", None, None)]
-REMAT_RUNS = [("spsft-jax", "spsft", None, "full"), ("spsft-jax", "spsft", 0.25, "full")]
+# "dots" keeps every matmul's output and recomputes only elementwise ops; "full" recomputes layers.
+REMAT_RUNS = [("spsft-jax", "spsft", None, "dots"), ("spsft-jax", "spsft", None, "full"),
+              ("spsft-jax", "spsft", 0.25, "full")]
 
 
 # --------------------------------------------------------------------------- model folders
@@ -268,7 +270,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 steps, synthetic case only")
-    parser.add_argument("--remat", action="store_true", help="add our remat='full' rows")
+    parser.add_argument("--remat", action="store_true", help="add our remat='dots' and 'full' rows")
     parser.add_argument("--json", action="store_true", help="JSON lines only")
     parser.add_argument("--cases", default=None,
                         help=f"comma-separated, from {sorted(CASES)} (default synthetic,smollm2)")
