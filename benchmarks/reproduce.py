@@ -172,9 +172,10 @@ def _take(iterator, n):
 
 
 def class_passages(mode: Mode, tokenizer) -> tuple[list[str], list, list]:
-    """(class names, train examples, held-out examples): passages of `passage_words` words,
-    the first `per_class_train` of a topic for training and the next `per_class_eval`
-    held out, for the `classes` topics (by name) that have enough of them."""
+    """(class names, train examples, held-out examples): `per_class_train + per_class_eval`
+    passages of `passage_words` words spread over each topic, every `stride`-th one held
+    out (`per_class_eval` per class), for the first `classes` topics by name that have
+    enough of them."""
     from pydoc_data.topics import topics
 
     need = mode.per_class_train + mode.per_class_eval
@@ -514,10 +515,12 @@ def verdicts(summary: list[dict], classes: dict | None) -> list[str]:
         qmt = next(r for n, r in rows.items() if "Quantile-Mean" in n)
         tw, qw = (mean_std([x["worst"] for x in r["runs"]])[0] for r in (taylor, qmt))
         tm, qm = (mean_std([x["mean"] for x in r["runs"]])[0] for r in (taylor, qmt))
+        tz, qz = (mean_std([float(np.sum(np.array(x["per_class"]) == 0)) for x in r["runs"]])[0]
+                  for r in (taylor, qmt))
         ok = qw > tw and qm >= tm - 0.01
         lines.append(f"- **Quantile-Mean Taylor raises the worst-class accuracy over Taylor without lowering "
                      f"the mean by more than a point: {'holds' if ok else 'does not hold'}** (worst class "
-                     f"{tw:.1%} -> {qw:.1%}, mean {tm:.1%} -> {qm:.1%}).")
+                     f"{tw:.1%} -> {qw:.1%}, mean {tm:.1%} -> {qm:.1%}; classes at 0%: {tz:g} -> {qz:g}).")
     return lines
 
 
@@ -530,8 +533,13 @@ def explanations(mode: Mode, summary: list[dict], classes: dict | None, lm: dict
     lora = next(r for r in summary if r["method"] == "lora")
     spsft = next(r for r in summary if r["reference"])
     notes = [f"- Every run is {mode.steps} steps of {mode.batch_size} x {mode.seq_len} tokens "
-             f"({lm['tokens_per_run']:,} tokens) on {lm['train_windows']} training windows; at this length "
-             "the methods are compared early in training, where the learning rate matters as much as the method."]
+             f"({lm['tokens_per_run']:,} tokens) on {lm['train_windows']} training windows: the methods are "
+             "compared early in training."]
+    spans = {k: max(v.values()) - min(v.values()) for k, v in lm.get("sweeps", {}).items()}
+    if spans:
+        notes.append("- The learning rate moves each family's validation loss by "
+                     + ", ".join(f"{v:.3f} nats ({k})" for k, v in spans.items())
+                     + " across its sweep: at this length the rate weighs as much as the method.")
     if mode.sweep == (1.0,):
         notes.append("- Learning rates are the CLI's per-method defaults, not tuned here "
                      f"({', '.join(f'{k} {v:g}' for k, v in lm['learning_rates'].items())}); the full mode "
@@ -542,8 +550,10 @@ def explanations(mode: Mode, summary: list[dict], classes: dict | None, lm: dict
     if spsft["loss"] < lora["loss"]:
         notes.append(f"- SPSFT ends below LoRA ({spsft['loss']:.4f} vs {lora['loss']:.4f}) at "
                      f"{spsft['params'] / lora['params']:.2f}x LoRA's parameters, each at its own learning "
-                     f"rate (SPSFT {spsft['lr']:g}, LoRA {lora['lr']:g}); whether the method or the rate "
-                     "explains it, one rate per method cannot tell (the full mode sweeps the rates).")
+                     f"rate (SPSFT {spsft['lr']:g}, LoRA {lora['lr']:g})"
+                     + ("; whether the method or the rate explains it, one untuned rate per method cannot "
+                        "tell (the full mode sweeps the rates)." if mode.sweep == (1.0,) else
+                        ", each the best of its sweep."))
     elif spsft["loss"] > lora["loss"]:
         notes.append(f"- LoRA ends below SPSFT ({lora['loss']:.4f} vs {spsft['loss']:.4f}) at "
                      f"{lora['params'] / spsft['params']:.2f}x SPSFT's parameters (lr LoRA {lora['lr']:g}, "
@@ -555,10 +565,21 @@ def explanations(mode: Mode, summary: list[dict], classes: dict | None, lm: dict
                      "base-to-dense gap is not the ceiling the target assumes.")
     tt = next((r for r in summary if r["tokentune"] == 0.25), None)
     if tt is not None and base - spsft["loss"] > 0 and (base - tt["loss"]) / (base - spsft["loss"]) < 0.9:
-        notes.append(f"- TokenTune 0.25 backpropagates through a quarter of each window's tokens and takes "
-                     f"its loss on them only, so each of its {mode.steps} steps sees about a quarter of the "
-                     "gradient signal; our reading (not measured here) is that the shortfall shrinks with "
-                     "more steps.")
+        notes.append(f"- TokenTune 0.25 takes its loss and its gradient from a quarter of each window's "
+                     f"tokens (the selected positions), so each of its {mode.steps} steps learns from about a "
+                     f"quarter of the tokens the SPSFT row learns from, at SPSFT's learning rate "
+                     f"({spsft['lr']:g}, not swept for TokenTune); at matched steps that is a quarter of the "
+                     "training signal, which is what the target's 90% has to overcome.")
+    for family, tried in lm.get("sweeps", {}).items():
+        rates = sorted(float(lr) for lr in tried)
+        chosen = lm["learning_rates"][family]
+        if len(rates) > 1 and math.isclose(chosen, rates[-1], rel_tol=1e-2):
+            notes.append(f"- {family}: the best learning rate of the sweep is the largest tried ({chosen:.3g}), "
+                         "so a larger one may do better still: its rows show what this sweep found, not the "
+                         "family's best.")
+        elif len(rates) > 1 and math.isclose(chosen, rates[0], rel_tol=1e-2):
+            notes.append(f"- {family}: the best learning rate of the sweep is the smallest tried ({chosen:.3g}), "
+                         "so a smaller one may do better still.")
     best = min((r for r in summary if r["method"] != "none"), key=lambda r: r["loss"])
     notes.append(f"- Lowest held-out loss: {best['name']} ({best['loss']:.4f}, base {base:.4f}).")
     if classes:
@@ -638,14 +659,16 @@ def write_report(out: Path, mode: Mode, results: dict, command: str) -> None:
             f"probe), then SPSFT trains {2 * mode.rank} rows of every linear for {mode.class_steps} steps with "
             f"the probe's head frozen. Classes: {', '.join(classes['classes'])}.",
             "",
-            "| rows chosen by | mean accuracy | worst class | lower quartile | median | trainable params |",
-            "|---|---|---|---|---|---|",
+            "| rows chosen by | mean accuracy | worst class | lower quartile | median | classes at 0% | trainable params |",
+            "|---|---|---|---|---|---|---|",
         ]
         for row in classes["rows"]:
             runs = row["runs"]
             lines.append(f"| {row['name']} | {fmt([r['mean'] for r in runs], 1, 100)}% | "
                          f"{fmt([r['worst'] for r in runs], 1, 100)}% | {fmt([r['q25'] for r in runs], 1, 100)}% | "
-                         f"{fmt([r['median'] for r in runs], 1, 100)}% | {row['trainable_params']:,} |")
+                         f"{fmt([r['median'] for r in runs], 1, 100)}% | "
+                         f"{fmt([float(np.sum(np.array(r['per_class']) == 0)) for r in runs], 1)} | "
+                         f"{row['trainable_params']:,} |")
         lines += ["", "![per-class accuracy](classes.png)", ""]
     if chat:
         lines += [
@@ -765,7 +788,8 @@ def main(argv=None) -> int:
         return 0
     mode = MODES[args.mode]
     out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/reproduce.py" + {"full": "", "quick": " --quick", "tiny": " --tiny"}[mode.name]
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["python benchmarks/reproduce.py"] + given)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     start, load_before = time.perf_counter(), _load()
     cfg, params, tokenizer, tokens, model = load_model(mode, Path(args.cache))
