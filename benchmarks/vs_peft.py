@@ -5,8 +5,8 @@
     python benchmarks/vs_peft.py --remat --json    # add our remat="dots"/"full" rows; JSON lines only
     python benchmarks/vs_peft.py --cases synthetic
 
-Every case runs in a fresh subprocess, so its peak RSS (`ru_maxrss` read at the end
-of the child) is its own. Both sides load the same float32 weights from one HF folder
+Every case runs in a fresh subprocess, so its peak RSS (the kernel's `VmHWM`, read at
+the end of the child) is its own. Both sides load the same float32 weights from one HF folder
 (written once under `--out`), train on the same token batch with AdamW (same lr, no
 weight decay, no clipping, constant rate), and report the median step time over the
 steps after the first (compilation / warm-up). SPSFT trains 2r rows per linear where
@@ -208,6 +208,19 @@ def run_kernel(repeats: int = 20) -> dict:
     return {"case": "kernel", "xla_s": xla, "torch_s": ref, "ratio": xla / ref}
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory: the kernel's VmHWM, not `ru_maxrss`, which
+    after a fork and exec also counts the parent's peak up to then."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # no /proc (not Linux)
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(spec: dict) -> dict:
     case = CASES[spec["case"]]
     folder = Path(spec["folder"])
@@ -223,7 +236,7 @@ def child(spec: dict) -> dict:
             "rank": spec["rank"], "tokentune": spec["tokentune"], "remat": spec["remat"],
             "trainable_params": out["trainable_params"], "step_s": step_s,
             "tokens_per_s": tokens / step_s,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mib": peak_rss_mib(),
             "loss_first": out["losses"][0], "loss_last": out["losses"][-1],
             "load_1m": os.getloadavg()[0]}  # the machine's load while it ran: shared cores skew times
 

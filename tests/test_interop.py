@@ -861,14 +861,15 @@ def test_package_without_one_gguf_is_refused():
 
 
 _LOAD_PEAK = """
-import json, resource, sys
+import json, sys
 import jax, jax.numpy as jnp
 from spsft_jax import interop
 
 jnp.ones(1).block_until_ready()
 before = int(open("/proc/self/statm").read().split()[1]) * 4096
 cfg, params = interop.load_hf(sys.argv[1])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM: this process's own peak (ru_maxrss would count the parent's, after a fork and exec)
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"before": before, "peak": peak,
                   "weights": sum(x.nbytes for x in jax.tree.leaves(params))}))
 """
