@@ -264,29 +264,39 @@ def assemble(cfg: llama.LlamaConfig, named, target, *, origin,
     buffers = {p: _aligned_empty(shape, target) for p, shape in shapes.items()}
     seen: set[str] = set()
     for file, name, tensor in named:
-        if name not in expected:
-            if IGNORED_TENSORS.fullmatch(name) or (
-                name == "lm_head.weight" and cfg.tie_word_embeddings
-            ):
-                continue
-            raise ValueError(f"{file}: unexpected tensor {name!r} for this config")
-        leaf_path, layer = expected[name]
-        want = shapes[leaf_path][1:] if layer is not None else shapes[leaf_path]
-        if tensor.shape != tuple(want):
-            raise ValueError(
-                f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                f"its config implies {tuple(want)}"
-            )
+        slot = _slot(cfg, expected, shapes, file, name, tensor.shape)
+        if slot is None:
+            continue
+        leaf_path, layer = slot
         dest = buffers[leaf_path] if layer is None else buffers[leaf_path][layer]
         if not _copy_finite(dest, tensor, target) and not allow_nonfinite:
             raise ValueError(f"{file}: tensor {name!r} holds NaN or Inf values "
                              f"(allow_nonfinite=True / --allow-nonfinite loads it anyway)")
         seen.add(name)
-    missing = sorted(set(expected) - seen, key=_natural_key)
+    _check_complete(expected, seen, origin)
+    return nest({p: _to_device(buffers, p) for p in list(buffers)})
+
+
+def _slot(cfg: llama.LlamaConfig, expected: dict, shapes: dict, file, name: str, shape):
+    """(leaf path, layer or None) where HF tensor `name` of `shape` belongs; None for a
+    tensor we leave out (rotary caches, a tied head). Unknown names and shapes are refused."""
+    if name not in expected:
+        if IGNORED_TENSORS.fullmatch(name) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            return None
+        raise ValueError(f"{file}: unexpected tensor {name!r} for this config")
+    leaf_path, layer = expected[name]
+    want = shapes[leaf_path][1:] if layer is not None else shapes[leaf_path]
+    if tuple(shape) != tuple(want):
+        raise ValueError(f"{file}: tensor {name!r} has shape {tuple(shape)}, "
+                         f"its config implies {tuple(want)}")
+    return leaf_path, layer
+
+
+def _check_complete(expected: dict, seen, origin) -> None:
+    missing = sorted(set(expected) - set(seen), key=_natural_key)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"{origin}: missing tensor(s) {shown}")
-    return nest({p: _to_device(buffers, p) for p in list(buffers)})
 
 
 # On the CPU, `jax.device_put` adopts a host array aligned to this many bytes instead
@@ -323,25 +333,11 @@ def _locate(cfg: llama.LlamaConfig, files: list[Path], *, origin) -> dict[str, P
         try:
             with safe_open(file, framework="numpy") as f:
                 for name in f.keys():
-                    if name not in expected:
-                        if IGNORED_TENSORS.fullmatch(name) or (
-                            name == "lm_head.weight" and cfg.tie_word_embeddings
-                        ):
-                            continue
-                        raise ValueError(f"{file}: unexpected tensor {name!r} for this config")
-                    leaf_path, layer = expected[name]
-                    want = shapes[leaf_path][1:] if layer is not None else shapes[leaf_path]
-                    got = tuple(f.get_slice(name).get_shape())
-                    if got != tuple(want):
-                        raise ValueError(f"{file}: tensor {name!r} has shape {got}, "
-                                         f"its config implies {tuple(want)}")
-                    located[name] = file
+                    if _slot(cfg, expected, shapes, file, name, f.get_slice(name).get_shape()):
+                        located[name] = file
         except SafetensorError as err:
             raise ValueError(f"{file}: not a readable safetensors file ({err})") from None
-    missing = sorted(set(expected) - set(located), key=_natural_key)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"{origin}: missing tensor(s) {shown}")
+    _check_complete(expected, located, origin)
     return located
 
 
