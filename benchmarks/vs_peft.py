@@ -6,7 +6,9 @@
     python benchmarks/vs_peft.py --cases synthetic
 
 Every case runs in a fresh subprocess, so its peak RSS (the kernel's `VmHWM`, read at
-the end of the child) is its own. Both sides load the same float32 weights from one HF folder
+the end of the child) is its own. Our rows run twice on one fresh compilation cache
+(`train.use_compilation_cache`, as the `spsft-jax` command keeps one): cold, compiling
+the step, then warm, loading it as any later run of the same shapes does. Both sides load the same float32 weights from one HF folder
 (written once under `--out`), train on the same token batch with AdamW (same lr, no
 weight decay, no clipping, constant rate), and report the median step time over the
 steps after the first (compilation / warm-up). SPSFT trains 2r rows per linear where
@@ -14,7 +16,7 @@ LoRA trains rank r: the same trainable parameters on square weights.
 
 Output: one JSON object per case, {"case", "implementation", "method", "rank",
 "tokentune", "remat", "trainable_params", "step_s", "tokens_per_s", "peak_rss_mib",
-"loss_first", "loss_last", "load_1m"}, then the kernel line (a [1024, 512] x [512, 1376] float32
+"loss_first", "loss_last", "load_1m"} (ours add "peak_rss_warm_mib", "step_s_warm"), then the kernel line (a [1024, 512] x [512, 1376] float32
 matmul, XLA against torch, same run) and a table.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -146,13 +149,16 @@ def run_torch(case: Case, folder: Path, method: str, rank: int, steps: int) -> d
     return {"trainable_params": sum(p.numel() for p in trained), "times": times, "losses": losses}
 
 
-def run_jax(case: Case, folder: Path, method: str, rank: int, tokentune, remat, steps: int) -> dict:
+def run_jax(case: Case, folder: Path, method: str, rank: int, tokentune, remat, steps: int,
+            cache: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
 
     import spsft_jax as sj
     from spsft_jax import train
 
+    if cache:
+        train.use_compilation_cache(cache)
     cfg, params = sj.interop.load_hf(folder, dtype=jnp.float32)
     selection = None
     if method == "spsft":
@@ -228,7 +234,7 @@ def child(spec: dict) -> dict:
         out = run_torch(case, folder, spec["method"], spec["rank"], spec["steps"])
     else:
         out = run_jax(case, folder, spec["method"], spec["rank"], spec["tokentune"], spec["remat"],
-                      spec["steps"])
+                      spec["steps"], spec.get("cache"))
     after_first = out["times"][1:] or out["times"]
     step_s = statistics.median(after_first)
     tokens = case.batch_size * case.seq_len
@@ -252,6 +258,18 @@ def in_subprocess(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def measured(spec: dict) -> dict:
+    """One row: PEFT's child, or ours twice on one fresh compilation cache, first cold
+    (compiling its step) and then warm (loading it, as any later run of the same shapes
+    does): the row's figures are the cold run's, plus the warm run's peak RSS and step time."""
+    if spec["implementation"] == "peft":
+        return in_subprocess(spec)
+    with tempfile.TemporaryDirectory(prefix="spsft-jax-cache-") as cache:
+        cold = in_subprocess({**spec, "cache": cache})
+        warm = in_subprocess({**spec, "cache": cache})
+    return {**cold, "peak_rss_warm_mib": warm["peak_rss_mib"], "step_s_warm": warm["step_s"]}
+
+
 def specs(case: Case, folder: Path, *, steps: int, remat: bool, methods=None) -> list[dict]:
     runs = RUNS + (REMAT_RUNS if remat else [])
     out = []
@@ -267,16 +285,19 @@ def specs(case: Case, folder: Path, *, steps: int, remat: bool, methods=None) ->
 
 def table(rows: list[dict]) -> str:
     head = (f"{'case':10} {'impl':10} {'method':7} {'rank':>4} {'tt':>5} {'remat':>5} "
-            f"{'trainable':>11} {'step s':>7} {'tok/s':>7} {'RSS MiB':>8} {'time/PEFT':>9} {'RSS/PEFT':>8}")
+            f"{'trainable':>11} {'step s':>7} {'tok/s':>7} {'RSS MiB':>8} {'warm':>6} {'time/PEFT':>9} "
+            f"{'RSS/PEFT':>8} {'warm/PEFT':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         peft = next((p for p in rows if p["case"] == r["case"] and p["implementation"] == "peft"), None)
-        ratio = lambda k: f"{r[k] / peft[k]:.2f}" if peft else "-"  # noqa: E731
+        ratio = lambda k: f"{r[k] / peft['peak_rss_mib' if k == 'peak_rss_warm_mib' else k]:.2f}" \
+            if peft and k in r else "-"  # noqa: E731
+        warm = f"{r['peak_rss_warm_mib']:6.0f}" if "peak_rss_warm_mib" in r else f"{'-':>6}"
         lines.append(
             f"{r['case']:10} {r['implementation']:10} {r['method']:7} {r['rank'] or '-':>4} "
             f"{r['tokentune'] or '-':>5} {r['remat'] or '-':>5} {r['trainable_params']:>11,} "
-            f"{r['step_s']:7.3f} {r['tokens_per_s']:7.0f} {r['peak_rss_mib']:8.0f} "
-            f"{ratio('step_s'):>9} {ratio('peak_rss_mib'):>8}")
+            f"{r['step_s']:7.3f} {r['tokens_per_s']:7.0f} {r['peak_rss_mib']:8.0f} {warm} "
+            f"{ratio('step_s'):>9} {ratio('peak_rss_mib'):>8} {ratio('peak_rss_warm_mib'):>9}")
     return "\n".join(lines)
 
 
@@ -309,7 +330,7 @@ def main(argv=None) -> list[dict]:
         case = CASES[name]
         folder = model_dir(case, Path(args.out))
         for spec in specs(case, folder, steps=steps, remat=args.remat, methods=methods):
-            row = in_subprocess(spec)
+            row = measured(spec)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if not args.no_kernel:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -660,6 +661,16 @@ def _targets(value: str):
     return value if value in TARGET_GROUPS else [t.strip() for t in value.split(",")]
 
 
+def compile_cache_folder(env) -> Path | None:
+    """Where compiled steps are kept between runs: $SPSFT_JAX_COMPILE_CACHE ("off" for
+    nowhere), else $XDG_CACHE_HOME/spsft-jax/xla (~/.cache/spsft-jax/xla)."""
+    chosen = env.get("SPSFT_JAX_COMPILE_CACHE")
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "off", "0", "no") else Path(chosen).expanduser()
+    base = env.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()
+    return Path(base) / "spsft-jax" / "xla"
+
+
 def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
@@ -674,6 +685,11 @@ def main(argv: list[str] | None = None) -> int:
         _check_options(args)
         _check_outputs(args)
         _check_inputs(args)
+        cache = compile_cache_folder(os.environ)
+        if cache is not None:
+            from spsft_jax import train
+
+            train.use_compilation_cache(cache)
         return args.func(args)
     except (UsageError, ValueError, OSError, KeyError, NotImplementedError, FloatingPointError,
             SafetensorError) as err:

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.ad_checkpoint import checkpoint_name
+
 from spsft_jax.trees import get as subtree  # a module's delta, or None where it has none
 
 Params = dict[str, Any]
@@ -349,9 +351,9 @@ def attention_projections(cfg, layer, layer_delta, x, cos, sin):
         y = linear(x, layer["self_attn"][name], subtree(layer_delta, "self_attn", name))
         return y.reshape(b, t, heads, cfg.head_dim)
 
-    q = apply_rope(proj("q_proj", cfg.num_heads), cos, sin)
-    k = apply_rope(proj("k_proj", cfg.num_kv_heads), cos, sin)
-    v = proj("v_proj", cfg.num_kv_heads)
+    q = apply_rope(checkpoint_name(proj("q_proj", cfg.num_heads), "q"), cos, sin)
+    k = apply_rope(checkpoint_name(proj("k_proj", cfg.num_kv_heads), "k"), cos, sin)
+    v = checkpoint_name(proj("v_proj", cfg.num_kv_heads), "v")
     return q, k, v
 
 
@@ -388,8 +390,8 @@ def mlp_block(cfg, layer, layer_delta, h: jax.Array) -> jax.Array:
     mlp, d = layer["mlp"], subtree(layer_delta, "mlp")
     x = rms_norm(h, layer["post_attention_layernorm"], cfg.rms_norm_eps,
                  subtree(layer_delta, "post_attention_layernorm"))
-    gated = swiglu(linear(x, mlp["gate_proj"], subtree(d, "gate_proj")),
-                   linear(x, mlp["up_proj"], subtree(d, "up_proj")))
+    gated = swiglu(checkpoint_name(linear(x, mlp["gate_proj"], subtree(d, "gate_proj")), "gate"),
+                   checkpoint_name(linear(x, mlp["up_proj"], subtree(d, "up_proj")), "up"))
     return h + linear(gated, mlp["down_proj"], subtree(d, "down_proj"))
 
 
@@ -402,7 +404,7 @@ def attention_inputs(cfg, layer, layer_delta, h, cos, sin):
 
 def layer_output(cfg, layer, layer_delta, h, attn):
     """Second half of a decoder layer: o_proj and residual, then the residual MLP."""
-    h = h + attention_output(cfg, layer, layer_delta, attn)
+    h = checkpoint_name(h + attention_output(cfg, layer, layer_delta, checkpoint_name(attn, "attn")), "mid")
     return mlp_block(cfg, layer, layer_delta, h)
 
 
@@ -414,6 +416,12 @@ def decoder_layer(cfg, layer, layer_delta, h, cos, sin, allowed, chunk_tokens=CH
 
 # --------------------------------------------------------------------------- model
 
+# What the layer's backward pass keeps when nothing is rematerialized: the outputs of
+# the matmuls it needs (q, k, v before rotation, attention before o_proj, gate and up)
+# and the residual stream after attention. Norms, rotary, SwiGLU and residual adds are
+# recomputed from them (elementwise, no matmul), so XLA keeps no more than these.
+SAVED_ACTIVATIONS = ("q", "k", "v", "attn", "mid", "gate", "up")
+
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing inside a layer, recompute it all in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -421,12 +429,13 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 
 def remat_layer(fn: Callable, remat: str | Callable | bool | None) -> Callable:
-    """Wrap a scanned layer body in `jax.checkpoint` with a named or given policy."""
+    """Wrap a scanned layer body in `jax.checkpoint`: with no `remat`, saving
+    `SAVED_ACTIVATIONS` only; else with a named (`REMAT_POLICIES`) or given policy."""
     if not remat:
-        return fn
-    if remat is True:
-        remat = "full"
-    if isinstance(remat, str):
+        policy = jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS)
+    elif remat is True:
+        policy = REMAT_POLICIES["full"]
+    elif isinstance(remat, str):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
         policy = REMAT_POLICIES[remat]

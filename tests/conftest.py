@@ -6,6 +6,7 @@ import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("SPSFT_JAX_COMPILE_CACHE", "off")  # tests that want it set their own
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -233,3 +233,38 @@ def test_generate_chat_without_template_exits_2(capsys):
     assert cli.main(["generate", "--chat", "--prompt", PROMPT]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no chat template" in err[0] and str(MODEL) in err[0], err
+
+
+# --------------------------------------------------------------------------- compilation cache
+
+
+def test_compile_cache_folder_follows_the_environment(tmp_path):
+    assert cli.compile_cache_folder({"SPSFT_JAX_COMPILE_CACHE": "off"}) is None
+    assert cli.compile_cache_folder({"SPSFT_JAX_COMPILE_CACHE": str(tmp_path)}) == tmp_path
+    assert cli.compile_cache_folder({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "spsft-jax" / "xla"
+
+
+_CACHED_COMPILE = """
+import sys, jax, jax.numpy as jnp
+from spsft_jax import train
+train.use_compilation_cache(sys.argv[1], min_compile_seconds=0)
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+print(float(jax.jit(lambda x: jnp.sin(x) * 2)(jnp.float32(1))))
+print(sum(e.endswith("cache_hits") for e in events), sum(e.endswith("cache_misses") for e in events))
+"""
+
+
+def test_a_second_process_loads_the_compiled_program(tmp_path):
+    """What one run compiles, the next loads from the folder: same result, no compile."""
+    def run():
+        proc = subprocess.run([sys.executable, "-c", _CACHED_COMPILE, str(tmp_path / "cache")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        value, counts = proc.stdout.strip().splitlines()[-2:]
+        return value, tuple(map(int, counts.split()))
+
+    first_value, (first_hits, first_misses) = run()
+    assert first_hits == 0 and first_misses > 0 and any((tmp_path / "cache").iterdir())
+    second_value, (second_hits, second_misses) = run()
+    assert second_value == first_value and second_hits > 0 and second_misses == 0

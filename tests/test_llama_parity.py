@@ -48,7 +48,8 @@ def test_padded_batch_matches_transformers(tmp_path, side):
 
 def test_remat_policies_give_the_same_gradients(tmp_path, capsys):
     """Remat changes what the backward pass recomputes, never the gradient; and it does
-    change what is kept (fewer saved residuals), so the policy really applies."""
+    change what is kept (fewer saved residuals), so the policy really applies. With no
+    remat a layer keeps only `SAVED_ACTIVATIONS`, fewer than autodiff would keep."""
     import jax
     from jax.ad_checkpoint import print_saved_residuals
 
@@ -59,18 +60,26 @@ def test_remat_policies_give_the_same_gradients(tmp_path, capsys):
     def loss(p, remat):
         return jnp.sum(jax.nn.log_softmax(sj.llama.forward(cfg, p, ids, remat=remat))[..., 0])
 
-    def saved(remat):  # residuals the backward pass keeps, one printed line each
+    def residuals(remat):  # what the backward pass keeps, one printed line each
         capsys.readouterr()
         print_saved_residuals(lambda p: loss(p, remat), params)
-        return len(capsys.readouterr().out.splitlines())
+        return capsys.readouterr().out.splitlines()
 
-    plain = jax.grad(loss)(params, None)
-    for policy in ("full", "dots"):
+    def saved(remat):
+        return len(residuals(remat))
+
+    everything = jax.checkpoint_policies.everything_saveable  # what plain autodiff keeps
+    plain = jax.grad(loss)(params, everything)
+    for policy in (None, "full", "dots"):
         got = jax.grad(loss)(params, policy)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(plain)):
             # Recomputation regroups float sums: float32 rounding relative to the gradient's scale.
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
-    assert saved("full") < saved("dots") < saved(None)
+    assert saved("full") < saved("dots") < saved(everything)
+    assert saved("full") < saved(None) < saved(everything)
+    # Per layer, stacked by the scan: the layer's input and the named activations, no more.
+    stacked = [r for r in residuals(None) if f"[{cfg.num_layers},{ids.shape[0]},{ids.shape[1]}," in r]
+    assert len(stacked) == 1 + len(sj.llama.SAVED_ACTIVATIONS), stacked
 
 
 def test_token_blocks_change_nothing(tmp_path):
