@@ -671,6 +671,25 @@ def compile_cache_folder(env) -> Path | None:
     return Path(base) / "spsft-jax" / "xla"
 
 
+def _use_compile_cache(folder: Path | None) -> None:
+    """Keep compiled steps in `folder`; one line on stderr, and none kept, when it cannot be written."""
+    if folder is None:
+        return
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{folder}: is a file, not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{folder}: not writable")
+    except OSError as err:
+        print(f"spsft-jax: compilation cache off ({_message(err)}; set SPSFT_JAX_COMPILE_CACHE)",
+              file=sys.stderr)
+        return
+    from spsft_jax import train
+
+    train.use_compilation_cache(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
@@ -685,11 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_options(args)
         _check_outputs(args)
         _check_inputs(args)
-        cache = compile_cache_folder(os.environ)
-        if cache is not None:
-            from spsft_jax import train
-
-            train.use_compilation_cache(cache)
+        _use_compile_cache(compile_cache_folder(os.environ))
         return args.func(args)
     except (UsageError, ValueError, OSError, KeyError, NotImplementedError, FloatingPointError,
             SafetensorError) as err:

@@ -244,6 +244,14 @@ def test_compile_cache_folder_follows_the_environment(tmp_path):
     assert cli.compile_cache_folder({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "spsft-jax" / "xla"
 
 
+def test_an_unusable_compile_cache_is_named_and_skipped(tmp_path, capsys):
+    taken = tmp_path / "a-file"
+    taken.write_text("mine")
+    cli._use_compile_cache(taken)
+    assert f"compilation cache off ({taken}: is a file" in capsys.readouterr().err
+    assert jax.config.jax_compilation_cache_dir is None and taken.read_text() == "mine"
+
+
 _CACHED_COMPILE = """
 import sys, jax, jax.numpy as jnp
 from spsft_jax import train
