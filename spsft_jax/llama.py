@@ -519,7 +519,8 @@ def forward(
         segment when `segment_ids` are given).
     segment_ids: `[B, T]` int, for rows that pack several examples: attention stays
         inside each run of equal ids, so each example's logits are as if it were alone.
-    remat: None, "full", "dots" or a `jax.checkpoint` policy for the layer body.
+    remat: None (keep `SAVED_ACTIVATIONS` for the backward pass), "full", "dots" or a
+        `jax.checkpoint` policy for the layer body (`remat_layer`).
     chunk_tokens: attention queries per block (`token_blocks`), bounding the score
         matrix held at once; None: one block. An execution setting, not architecture.
 
