@@ -32,7 +32,6 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.ad_checkpoint import checkpoint_name
 
 from spsft_jax.trees import get as subtree  # a module's delta, or None where it has none
@@ -404,7 +403,8 @@ def attention_inputs(cfg, layer, layer_delta, h, cos, sin):
 
 def layer_output(cfg, layer, layer_delta, h, attn):
     """Second half of a decoder layer: o_proj and residual, then the residual MLP."""
-    h = checkpoint_name(h + attention_output(cfg, layer, layer_delta, checkpoint_name(attn, "attn")), "mid")
+    attn = checkpoint_name(attn, "attn")
+    h = checkpoint_name(h + attention_output(cfg, layer, layer_delta, attn), "mid")
     return mlp_block(cfg, layer, layer_delta, h)
 
 
