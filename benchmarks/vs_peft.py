@@ -4,6 +4,8 @@
     python benchmarks/vs_peft.py --quick           # fewer steps, synthetic only
     python benchmarks/vs_peft.py --remat --json    # add our remat="dots"/"full" rows; JSON lines only
     python benchmarks/vs_peft.py --cases synthetic
+    python benchmarks/vs_peft.py --cases llama-1b --dtype bfloat16 --cold-only   # on a GPU
+                                                   # (benchmarks/device_run.sh runs both dtypes)
 
 Every case runs in a fresh subprocess, so its peak RSS (the kernel's `VmHWM`, read at
 the end of the child) is its own. Our rows run twice on one fresh compilation cache
@@ -16,7 +18,8 @@ LoRA trains rank r: the same trainable parameters on square weights.
 
 Output: one JSON object per case, {"case", "implementation", "method", "rank",
 "tokentune", "remat", "trainable_params", "step_s", "tokens_per_s", "peak_rss_mib",
-"loss_first", "loss_last", "load_1m"} (ours add "peak_rss_warm_mib", "step_s_warm"), then the kernel line (a [1024, 512] x [512, 1376] float32
+"loss_first", "loss_last", "load_1m", "dtype", "peak_device_mib"} (ours add "peak_rss_warm_mib",
+"step_s_warm"; "peak_device_mib" is None on the CPU), then the kernel line (a [1024, 512] x [512, 1376] float32
 matmul, XLA against torch, same run) and a table.
 """
 from __future__ import annotations
@@ -58,6 +61,11 @@ CASES = {
         vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
         num_attention_heads=8, num_key_value_heads=8, head_dim=64)),
     "smollm2": Case("smollm2", 8, 64, 8, None),
+    # A 1B-class shape (Llama-3.2-1B's): the accelerator run of benchmarks/device_run.sh.
+    "llama-1b": Case("llama-1b", 8, 512, 16, _llama(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+        tie_word_embeddings=True)),
     "tiny": Case("tiny", 2, 16, 2, _llama(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8)),
@@ -123,12 +131,13 @@ def _timed(step, steps: int) -> tuple[list[float], list[float]]:
     return times, losses
 
 
-def run_torch(case: Case, folder: Path, method: str, rank: int, steps: int) -> dict:
+def run_torch(case: Case, folder: Path, method: str, rank: int, steps: int, dtype: str) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device)
     if method == "lora":
         model = get_peft_model(model, LoraConfig(
             r=rank, lora_alpha=rank, lora_dropout=0.0,
@@ -136,7 +145,7 @@ def run_torch(case: Case, folder: Path, method: str, rank: int, steps: int) -> d
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=LEARNING_RATE, weight_decay=0.0, eps=1e-8)
-    ids = torch.from_numpy(token_batch(case, model.config.vocab_size)).long()
+    ids = torch.from_numpy(token_batch(case, model.config.vocab_size)).long().to(device)
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss
@@ -146,11 +155,13 @@ def run_torch(case: Case, folder: Path, method: str, rank: int, steps: int) -> d
         return float(loss)
 
     times, losses = _timed(step, steps)
-    return {"trainable_params": sum(p.numel() for p in trained), "times": times, "losses": losses}
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return {"trainable_params": sum(p.numel() for p in trained), "times": times, "losses": losses,
+            "peak_device_bytes": peak}
 
 
 def run_jax(case: Case, folder: Path, method: str, rank: int, tokentune, remat, steps: int,
-            cache: str | None = None) -> dict:
+            dtype: str, cache: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -159,7 +170,7 @@ def run_jax(case: Case, folder: Path, method: str, rank: int, tokentune, remat, 
 
     if cache:
         train.use_compilation_cache(cache)
-    cfg, params = sj.interop.load_hf(folder, dtype=jnp.float32)
+    cfg, params = sj.interop.load_hf(folder, dtype=getattr(jnp, dtype))
     selection = None
     if method == "spsft":
         selection = sj.selection.select(sj.importance.magnitude(cfg, params), rank=rank)
@@ -182,7 +193,10 @@ def run_jax(case: Case, folder: Path, method: str, rank: int, tokentune, remat, 
         return float(metrics["loss"])
 
     times, losses = _timed(step, steps)
-    return {"trainable_params": int(n_trainable), "times": times, "losses": losses}
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    return {"trainable_params": int(n_trainable), "times": times, "losses": losses,
+            "peak_device_bytes": stats.get("peak_bytes_in_use") if stats else None}
 
 
 def run_kernel(repeats: int = 20) -> dict:
@@ -230,19 +244,22 @@ def peak_rss_mib() -> float:
 def child(spec: dict) -> dict:
     case = CASES[spec["case"]]
     folder = Path(spec["folder"])
+    dtype = spec.get("dtype", "float32")
     if spec["implementation"] == "peft":
-        out = run_torch(case, folder, spec["method"], spec["rank"], spec["steps"])
+        out = run_torch(case, folder, spec["method"], spec["rank"], spec["steps"], dtype)
     else:
         out = run_jax(case, folder, spec["method"], spec["rank"], spec["tokentune"], spec["remat"],
-                      spec["steps"], spec.get("cache"))
+                      spec["steps"], dtype, spec.get("cache"))
     after_first = out["times"][1:] or out["times"]
     step_s = statistics.median(after_first)
     tokens = case.batch_size * case.seq_len
+    peak_device = out["peak_device_bytes"]
     return {"case": case.name, "implementation": spec["implementation"], "method": spec["method"],
-            "rank": spec["rank"], "tokentune": spec["tokentune"], "remat": spec["remat"],
+            "rank": spec["rank"], "tokentune": spec["tokentune"], "remat": spec["remat"], "dtype": dtype,
             "trainable_params": out["trainable_params"], "step_s": step_s,
             "tokens_per_s": tokens / step_s,
             "peak_rss_mib": peak_rss_mib(),
+            "peak_device_mib": None if peak_device is None else peak_device / 2**20,
             "loss_first": out["losses"][0], "loss_last": out["losses"][-1],
             "load_1m": os.getloadavg()[0]}  # the machine's load while it ran: shared cores skew times
 
@@ -258,11 +275,11 @@ def in_subprocess(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measured(spec: dict) -> dict:
+def measured(spec: dict, warm: bool = True) -> dict:
     """One row: PEFT's child, or ours twice on one fresh compilation cache, first cold
     (compiling its step) and then warm (loading it, as any later run of the same shapes
     does): the row's figures are the cold run's, plus the warm run's peak RSS and step time."""
-    if spec["implementation"] == "peft":
+    if spec["implementation"] == "peft" or not warm:
         return in_subprocess(spec)
     with tempfile.TemporaryDirectory(prefix="spsft-jax-cache-") as cache:
         cold = in_subprocess({**spec, "cache": cache})
@@ -270,7 +287,8 @@ def measured(spec: dict) -> dict:
     return {**cold, "peak_rss_warm_mib": warm["peak_rss_mib"], "step_s_warm": warm["step_s"]}
 
 
-def specs(case: Case, folder: Path, *, steps: int, remat: bool, methods=None) -> list[dict]:
+def specs(case: Case, folder: Path, *, steps: int, remat: bool, methods=None,
+          dtype: str = "float32") -> list[dict]:
     runs = RUNS + (REMAT_RUNS if remat else [])
     out = []
     for implementation, method, tokentune, remat_policy in runs:
@@ -279,25 +297,38 @@ def specs(case: Case, folder: Path, *, steps: int, remat: bool, methods=None) ->
         rank = {"lora": case.lora_rank, "spsft": 2 * case.lora_rank}.get(method)
         out.append({"case": case.name, "folder": str(folder), "implementation": implementation,
                     "method": method, "rank": rank, "tokentune": tokentune, "remat": remat_policy,
-                    "steps": steps})
+                    "steps": steps, "dtype": dtype})
     return out
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'case':10} {'impl':10} {'method':7} {'rank':>4} {'tt':>5} {'remat':>5} "
+    """One line per row; ratios against the PEFT row of the same case and dtype. On an
+    accelerator the device's peak memory (PyTorch's `max_memory_allocated`, JAX's
+    `peak_bytes_in_use`) is the memory column that counts."""
+    device = any(r.get("peak_device_mib") is not None for r in rows)
+    head = (f"{'case':10} {'dtype':8} {'impl':10} {'method':7} {'rank':>4} {'tt':>5} {'remat':>5} "
             f"{'trainable':>11} {'step s':>7} {'tok/s':>7} {'RSS MiB':>8} {'warm':>6} {'time/PEFT':>9} "
-            f"{'RSS/PEFT':>8} {'warm/PEFT':>9}")
+            f"{'RSS/PEFT':>8} {'warm/PEFT':>9}" + (f" {'dev MiB':>8} {'dev/PEFT':>8}" if device else ""))
     lines = [head, "-" * len(head)]
     for r in rows:
-        peft = next((p for p in rows if p["case"] == r["case"] and p["implementation"] == "peft"), None)
-        ratio = lambda k: f"{r[k] / peft['peak_rss_mib' if k == 'peak_rss_warm_mib' else k]:.2f}" \
-            if peft and k in r else "-"  # noqa: E731
+        peft = next((p for p in rows if p["implementation"] == "peft" and p["case"] == r["case"]
+                     and p.get("dtype") == r.get("dtype")), None)
+
+        def ratio(key, of=None):
+            if peft is None or r.get(key) is None or not peft.get(of or key):
+                return "-"
+            return f"{r[key] / peft[of or key]:.2f}"
+
         warm = f"{r['peak_rss_warm_mib']:6.0f}" if "peak_rss_warm_mib" in r else f"{'-':>6}"
-        lines.append(
-            f"{r['case']:10} {r['implementation']:10} {r['method']:7} {r['rank'] or '-':>4} "
-            f"{r['tokentune'] or '-':>5} {r['remat'] or '-':>5} {r['trainable_params']:>11,} "
-            f"{r['step_s']:7.3f} {r['tokens_per_s']:7.0f} {r['peak_rss_mib']:8.0f} {warm} "
-            f"{ratio('step_s'):>9} {ratio('peak_rss_mib'):>8} {ratio('peak_rss_warm_mib'):>9}")
+        line = (f"{r['case']:10} {r.get('dtype', 'float32'):8} {r['implementation']:10} {r['method']:7} "
+                f"{r['rank'] or '-':>4} {r['tokentune'] or '-':>5} {r['remat'] or '-':>5} "
+                f"{r['trainable_params']:>11,} {r['step_s']:7.3f} {r['tokens_per_s']:7.0f} "
+                f"{r['peak_rss_mib']:8.0f} {warm} {ratio('step_s'):>9} {ratio('peak_rss_mib'):>8} "
+                f"{ratio('peak_rss_warm_mib', 'peak_rss_mib'):>9}")
+        if device:
+            dev = r.get("peak_device_mib")
+            line += f" {dev if dev is None else round(dev):>8} {ratio('peak_device_mib'):>8}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -311,6 +342,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--methods", default=None, help="comma-separated subset of lora,spsft,dense")
     parser.add_argument("--steps", type=int, default=None, help="steps per case (default 6, quick 3)")
     parser.add_argument("--no-kernel", action="store_true", help="skip the matmul kernel ratio")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the frozen weights' dtype on both sides (trainable state stays float32)")
+    parser.add_argument("--cold-only", action="store_true",
+                        help="run each of our rows once (compiling), not also warm")
     parser.add_argument("--out", default=str(HERE / "out"), help="cache folder for model weights")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -329,8 +364,8 @@ def main(argv=None) -> list[dict]:
     for name in names:
         case = CASES[name]
         folder = model_dir(case, Path(args.out))
-        for spec in specs(case, folder, steps=steps, remat=args.remat, methods=methods):
-            row = measured(spec)
+        for spec in specs(case, folder, steps=steps, remat=args.remat, methods=methods, dtype=args.dtype):
+            row = measured(spec, warm=not args.cold_only)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if not args.no_kernel:

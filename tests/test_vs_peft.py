@@ -49,3 +49,12 @@ def test_trainable_parameters_match_peft(rows):
     peft = next(r for r in rows if r["implementation"] == "peft")
     ours = next(r for r in rows if r["implementation"] == "spsft-jax" and r["method"] == "lora")
     assert ours["trainable_params"] == peft["trainable_params"]
+
+
+def test_the_accelerator_case_is_a_1b_llama(vs_peft):
+    """benchmarks/device_run.sh's shape reads as the Llama-3.2-1B architecture."""
+    from spsft_jax.interop.config import config_from_hf
+
+    cfg = config_from_hf(vs_peft.CASES["llama-1b"].hf_config)
+    assert 1.2e9 < cfg.num_params() < 1.3e9
+    assert cfg.tie_word_embeddings and cfg.num_kv_heads * 4 == cfg.num_heads
