@@ -10,17 +10,19 @@
 Every case runs in a fresh subprocess, so its peak RSS (the kernel's `VmHWM`, read at
 the end of the child) is its own. Our rows run twice on one fresh compilation cache
 (`train.use_compilation_cache`, as the `spsft-jax` command keeps one): cold, compiling
-the step, then warm, loading it as any later run of the same shapes does. Both sides load the same float32 weights from one HF folder
-(written once under `--out`), train on the same token batch with AdamW (same lr, no
-weight decay, no clipping, constant rate), and report the median step time over the
-steps after the first (compilation / warm-up). SPSFT trains 2r rows per linear where
+the step, then warm, loading it as any later run of the same shapes does. Both sides
+load the same weights from one HF folder (written once under `--out`; float32, or
+`--dtype bfloat16`), train on the same token batch with AdamW (same lr, no weight
+decay, no clipping, constant rate), and report the median step time over the steps
+after the first (compilation / warm-up). SPSFT trains 2r rows per linear where
 LoRA trains rank r: the same trainable parameters on square weights.
 
 Output: one JSON object per case, {"case", "implementation", "method", "rank",
 "tokentune", "remat", "trainable_params", "step_s", "tokens_per_s", "peak_rss_mib",
-"loss_first", "loss_last", "load_1m", "dtype", "peak_device_mib"} (ours add "peak_rss_warm_mib",
-"step_s_warm"; "peak_device_mib" is None on the CPU), then the kernel line (a [1024, 512] x [512, 1376] float32
-matmul, XLA against torch, same run) and a table.
+"loss_first", "loss_last", "load_1m", "dtype", "peak_device_mib"} (ours add
+"peak_rss_warm_mib" and "step_s_warm"; "peak_device_mib" is None on the CPU), then the
+kernel line (a [1024, 512] x [512, 1376] float32 matmul, XLA against torch, same run)
+and a table.
 """
 from __future__ import annotations
 
