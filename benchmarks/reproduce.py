@@ -711,12 +711,8 @@ def _plots(out: Path, plt, lm, summary, classes) -> None:
         losses = np.mean([[v for _, v in r["curve"]] for r in row["runs"]], axis=0)
         ax.plot(steps, losses, marker="o", label=row["name"])
     ax.axhline(lm["rows"][0]["runs"][0]["heldout"], color="gray", ls="--", label="base")
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("Held-out topics: loss during training")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, out / "lm_curves.png", plt)
+    _save(fig, ax, out / "lm_curves.png", plt, "step", "held-out loss (nats/token)",
+          "Held-out topics: loss during training")
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for s in summary:
@@ -725,26 +721,25 @@ def _plots(out: Path, plt, lm, summary, classes) -> None:
             ax.annotate(s["name"], (s["params"], s["loss"]), fontsize=6, xytext=(4, 2), textcoords="offset points")
     ax.axhline(summary[0]["loss"], color="gray", ls="--", label="base (no tuning)")
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, out / "lm_params.png", plt)
+    _save(fig, ax, out / "lm_params.png", plt, "trainable parameters", "held-out loss (nats/token)")
 
     if classes:
         fig, ax = plt.subplots(figsize=(8, 5))
         for row in classes["rows"]:
             acc = np.sort(np.mean([r["per_class"] for r in row["runs"]], axis=0))
             ax.plot(np.arange(1, len(acc) + 1), acc, marker=".", label=row["name"])
-        ax.set_xlabel("class, sorted by accuracy")
-        ax.set_ylabel("held-out accuracy")
-        ax.set_title("Per-class accuracy (left: worst classes)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        _save(fig, out / "classes.png", plt)
+        _save(fig, ax, out / "classes.png", plt, "class, sorted by accuracy", "held-out accuracy",
+              "Per-class accuracy (left: worst classes)")
 
 
-def _save(fig, path: Path, plt) -> None:
+def _save(fig, ax, path: Path, plt, xlabel: str, ylabel: str, title: str | None = None) -> None:
+    """Label, lay out and write a plot (to a temporary name first), then close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

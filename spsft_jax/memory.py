@@ -119,6 +119,17 @@ def batch_shapes(batch_shape: tuple[int, int], grad_accum: int | None = None) ->
     return {k: jax.ShapeDtypeStruct(lead + tuple(batch_shape), jnp.int32) for k in BATCH_KEYS}
 
 
+def abstract_state(params, selection, optimizer, **prepare_options) -> tuple:
+    """Shapes of (trainable, optimizer state, frozen) as `finetune` builds them from
+    `params` (which may be `llama.param_shapes(cfg)`): the trainable pytree in float32."""
+    def state(p):
+        trainable, frozen = train.prepare(p, selection, **prepare_options)
+        trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
+        return trainable, optimizer.init(trainable), frozen
+
+    return jax.eval_shape(state, params)
+
+
 def lowered_train_step(cfg: llama.LlamaConfig, params, selection, *, batch_shape: tuple[int, int],
                        method: str = "spsft", targets="all-linear", rank: int = 8, remat=None,
                        tokentune=None, grad_accum: int = 1, mesh=None, **prepare_options):
@@ -127,14 +138,8 @@ def lowered_train_step(cfg: llama.LlamaConfig, params, selection, *, batch_shape
     `jax.sharding.Mesh` or spec), laid out as `finetune(mesh=)` lays it out."""
     tc = train.TrainConfig(steps=1, remat=remat, tokentune=tokentune, grad_accum=grad_accum)
     optimizer = train.make_optimizer(tc)
-
-    def state(p):
-        trainable, frozen = train.prepare(p, selection, method=method, targets=targets, rank=rank,
-                                          **prepare_options)
-        trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
-        return trainable, optimizer.init(trainable), frozen
-
-    trainable, opt_state, frozen = jax.eval_shape(state, params)
+    trainable, opt_state, frozen = abstract_state(params, selection, optimizer, method=method,
+                                                  targets=targets, rank=rank, **prepare_options)
     n = sum(x.size for x in jax.tree.leaves(trainable))
     key = jax.eval_shape(lambda: jax.random.key(0))
     step = train.make_train_step(cfg, tc, optimizer)
@@ -285,13 +290,8 @@ def sharded_sizes(cfg: llama.LlamaConfig, mesh, *, method: str = "spsft", rank: 
     sizes = sharding.parse_mesh(mesh) if not isinstance(mesh, jax.sharding.Mesh) else dict(mesh.shape)
     selection = _plan_selection(cfg, method, targets, rank)
     optimizer = train.make_optimizer(train.TrainConfig(steps=1))
-
-    def state(p):
-        trainable, frozen = train.prepare(p, selection, method=method, targets=targets, rank=rank)
-        trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
-        return trainable, optimizer.init(trainable), frozen
-
-    trainable, opt_state, frozen = jax.eval_shape(state, llama.param_shapes(cfg, dtype))
+    trainable, opt_state, frozen = abstract_state(llama.param_shapes(cfg, dtype), selection, optimizer,
+                                                  method=method, targets=targets, rank=rank)
     return {"mesh": ",".join(f"{a}={n}" for a, n in sizes.items()), "devices": int(np.prod(list(sizes.values()))),
             "weights_bytes": sharding.per_device_bytes(frozen, sizes),
             "trainable_bytes": sharding.per_device_bytes(trainable, sizes),
