@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py                       # all settings, without and with remat
     python benchmarks/memory.py --setting small --tokentune 1.0 --tokentune 0.25
+    python benchmarks/memory.py --setting llama2-7b --remat nested   # one remat policy
     python benchmarks/memory.py --json > results.jsonl
 
 What is measured: `spsft_jax.memory` (XLA's compiled memory analysis of one step,
@@ -12,6 +13,7 @@ import argparse
 
 from spsft_jax import memory
 from spsft_jax.cli import print_rows
+from spsft_jax.llama import REMAT_POLICIES
 
 
 def main() -> None:
@@ -21,11 +23,14 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--compile-only", action="store_true", help="do not execute the small setting")
     p.add_argument("--tokentune", type=float, action="append", help="TokenTune fractions to add")
+    p.add_argument("--remat", action="append", choices=["none", *sorted(REMAT_POLICIES)],
+                   help="repeatable; default: none and full")
     args = p.parse_args()
     names = args.setting or list(memory.SETTINGS)
     for name in names:
         setting = memory.SETTINGS[name]
-        rows = memory.measure(setting, fractions=tuple(args.tokentune or ()),
+        remats = tuple(None if r == "none" else r for r in args.remat or ("none", "full"))
+        rows = memory.measure(setting, remats=remats, fractions=tuple(args.tokentune or ()),
                               execute=setting.execute and not args.compile_only)
         print_rows(rows, as_json=args.json, header=name == names[0])
 

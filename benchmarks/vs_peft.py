@@ -2,7 +2,7 @@
 
     python benchmarks/vs_peft.py                   # synthetic Llama, and SmolLM2-135M if installed
     python benchmarks/vs_peft.py --quick           # fewer steps, synthetic only
-    python benchmarks/vs_peft.py --remat --json    # add our remat="dots"/"full" rows; JSON lines only
+    python benchmarks/vs_peft.py --remat --json    # add remat "dots"/"full"/"nested" rows; JSON only
     python benchmarks/vs_peft.py --cases synthetic
     python benchmarks/vs_peft.py --cases llama-1b --dtype bfloat16 --cold-only   # on a GPU
                                                    # (benchmarks/device_run.sh runs both dtypes)
@@ -77,9 +77,10 @@ CASES = {
 RUNS = [("peft", "lora", None, None), ("spsft-jax", "lora", None, None),
         ("spsft-jax", "spsft", None, None), ("spsft-jax", "spsft", 0.25, None),
         ("spsft-jax", "dense", None, None)]
-# "dots" keeps every matmul's output and recomputes only elementwise ops; "full" recomputes layers.
+# "dots" keeps every matmul's output and recomputes only elementwise ops; "full" recomputes
+# layers; "nested" keeps only the inputs of groups of layers (one more forward pass).
 REMAT_RUNS = [("spsft-jax", "spsft", None, "dots"), ("spsft-jax", "spsft", None, "full"),
-              ("spsft-jax", "spsft", 0.25, "full")]
+              ("spsft-jax", "spsft", None, "nested"), ("spsft-jax", "spsft", 0.25, "full")]
 
 
 # --------------------------------------------------------------------------- model folders
@@ -308,7 +309,7 @@ def table(rows: list[dict]) -> str:
     accelerator the device's peak memory (PyTorch's `max_memory_allocated`, JAX's
     `peak_bytes_in_use`) is the memory column that counts."""
     device = any(r.get("peak_device_mib") is not None for r in rows)
-    head = (f"{'case':10} {'dtype':8} {'impl':10} {'method':7} {'rank':>4} {'tt':>5} {'remat':>5} "
+    head = (f"{'case':10} {'dtype':8} {'impl':10} {'method':7} {'rank':>4} {'tt':>5} {'remat':>6} "
             f"{'trainable':>11} {'step s':>7} {'tok/s':>7} {'RSS MiB':>8} {'warm':>6} {'time/PEFT':>9} "
             f"{'RSS/PEFT':>8} {'warm/PEFT':>9}" + (f" {'dev MiB':>8} {'dev/PEFT':>8}" if device else ""))
     lines = [head, "-" * len(head)]
@@ -323,7 +324,7 @@ def table(rows: list[dict]) -> str:
 
         warm = f"{r['peak_rss_warm_mib']:6.0f}" if "peak_rss_warm_mib" in r else f"{'-':>6}"
         line = (f"{r['case']:10} {r.get('dtype', 'float32'):8} {r['implementation']:10} {r['method']:7} "
-                f"{r['rank'] or '-':>4} {r['tokentune'] or '-':>5} {r['remat'] or '-':>5} "
+                f"{r['rank'] or '-':>4} {r['tokentune'] or '-':>5} {r['remat'] or '-':>6} "
                 f"{r['trainable_params']:>11,} {r['step_s']:7.3f} {r['tokens_per_s']:7.0f} "
                 f"{r['peak_rss_mib']:8.0f} {warm} {ratio('step_s'):>9} {ratio('peak_rss_mib'):>8} "
                 f"{ratio('peak_rss_warm_mib', 'peak_rss_mib'):>9}")
@@ -337,7 +338,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 steps, synthetic case only")
-    parser.add_argument("--remat", action="store_true", help="add our remat='dots' and 'full' rows")
+    parser.add_argument("--remat", action="store_true", help="add our remat='dots', 'full' and 'nested' rows")
     parser.add_argument("--json", action="store_true", help="JSON lines only")
     parser.add_argument("--cases", default=None,
                         help=f"comma-separated, from {sorted(CASES)} (default synthetic,smollm2)")

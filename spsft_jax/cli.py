@@ -332,12 +332,17 @@ def _plan_on_mesh(args, cfg) -> int:
 
 
 GiB = 2**30
+# `llama.REMAT_POLICIES`, spelled out so that parsing arguments does not import JAX.
+REMAT_CHOICES = ["full", "dots", "nested"]
+REMAT_HELP = ("recompute in the backward pass instead of keeping: full (each layer), dots (all but "
+              "matmul outputs), nested (layers in groups: least memory, one more forward pass)")
+
 COLUMNS = (  # header, width, how a row shows it
     ("setting", 10, lambda r: r["setting"]),
     ("method", 13, lambda r: r["method"]),
     ("rank", 5, lambda r: r["rank"] or ""),
     ("tt", 5, lambda r: r["tokentune"] or ""),
-    ("remat", 5, lambda r: r["remat"] or "-"),
+    ("remat", 6, lambda r: r["remat"] or "-"),
     ("trainable", 13, lambda r: f"{r['trainable_params']:,}"),
     ("mem GiB", 9, lambda r: f"{r['mem_bytes'] / GiB:.3f}"),
     ("temp GiB", 9, lambda r: f"{r['temp_bytes'] / GiB:.3f}"),
@@ -411,7 +416,7 @@ def _model_options(p, *, data: bool):
         p.add_argument("--ratio", type=float, help="fraction of the targeted parameters to train (instead of --rank)")
         p.add_argument("--scope", default="layer", choices=["layer", "global"])
         p.add_argument("--importance-batches", type=int, default=8)
-        p.add_argument("--remat", choices=["full", "dots"])
+        p.add_argument("--remat", choices=REMAT_CHOICES, help=REMAT_HELP)
         p.add_argument("--mesh", help="devices as AXIS=SIZE over data and fsdp, e.g. data=2,fsdp=4 "
                                       "(batches split over both, weights over fsdp; default: one device)")
 
@@ -478,7 +483,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--remat", choices=["full", "dots"])
+    p.add_argument("--remat", choices=REMAT_CHOICES, help=REMAT_HELP)
     p.add_argument("--json", action="store_true")
     p.add_argument("--mesh", help="per-device memory of one method on a mesh such as data=1,fsdp=8; "
                                   "with fewer devices here than it needs, the step is compiled in a "

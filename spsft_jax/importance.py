@@ -116,7 +116,7 @@ def taylor(
         `attention_mask`, all `[B, T]`. The row form reads it once, one batch at a
         time; the element-wise form keeps the batches (host arrays) to read them
         once per pass. The steps compile once per batch shape (and group of layers).
-    remat: passed to the layer scan ("full", "dots" or a policy).
+    remat: passed to the layer scan (`llama.scan_layers`: "full", "dots", "nested" or a policy).
     loss_fn: `(logits, labels) -> (summed loss, number of loss tokens)`, applied to
         each example; default: the causal-LM cross entropy, `llama.CHUNK_TOKENS` positions at a time.
     mesh: a `jax.sharding.Mesh` or spec ("data=2,fsdp=4"): weights laid out by
@@ -471,8 +471,7 @@ def _elementwise_step(params, grads, counts, inputs, classes, start, *, cfg, mod
                 jax.lax.dynamic_index_in_dim(probes[p], slot, keepdims=False), mix) for p in modules})
             return llama.decoder_layer(cfg, layer, probe_delta, h, cos, sin, allowed), None
 
-        x, _ = jax.lax.scan(llama.remat_layer(body, remat), h,
-                            (params["layers"], jnp.arange(cfg.num_layers)))
+        x = llama.scan_layers(body, h, params["layers"], jnp.arange(cfg.num_layers), remat)
         sums, per_example = _example_losses(cfg, params, x, labels, loss_fn)
         return _mean_loss_numerator(sums, per_example, average)
 

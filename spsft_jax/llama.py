@@ -425,6 +425,7 @@ SAVED_ACTIVATIONS = ("q", "k", "v", "attn", "mid", "gate", "up")
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing inside a layer, recompute it all in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nested": None,  # "full" in groups of layers, keeping only each group's input (`scan_layers`)
 }
 
 
@@ -442,6 +443,50 @@ def remat_layer(fn: Callable, remat: str | Callable | bool | None) -> Callable:
     else:
         policy = remat
     return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+
+
+def layer_group_size(num_layers: int) -> int:
+    """Layers per group for `remat="nested"`, which keeps `num_layers / size + size`
+    layer inputs at once: the divisor of `num_layers` that keeps fewest, or
+    `num_layers` itself (one group: plain "full") where no grouping keeps fewer than
+    the `num_layers` inputs of "full"."""
+    keeps = {k: num_layers // k + k for k in range(1, num_layers) if num_layers % k == 0}
+    fewer = [k for k in sorted(keeps) if keeps[k] < num_layers]
+    return min(fewer, key=keeps.get) if fewer else num_layers
+
+
+def scan_layers(body: Callable, carry, weights, per_layer, remat: str | Callable | bool | None = None):
+    """The final `carry` of `body(carry, (layer_weights, layer_item)) -> (carry, None)`
+    run over the layers in turn: `weights` are the stacked layer parameters and
+    `per_layer` anything else stacked on the same leading axis (deltas, indices). Each
+    layer is checkpointed as `remat` says (`remat_layer`).
+
+    remat="nested" keeps only the inputs of groups of `layer_group_size` layers. The
+    backward pass recomputes a group's forward to get its layers' inputs, then each
+    layer's as "full" does: about 2 sqrt(L) layer inputs held at once instead of L,
+    for one more forward pass, and the same arithmetic as "full". Where grouping keeps
+    no fewer inputs (4 layers or fewer, a prime number of layers) it is "full".
+    """
+    num_layers = jax.tree.leaves(weights)[0].shape[0]
+    size = layer_group_size(num_layers) if remat == "nested" else num_layers
+    if size == num_layers:
+        return jax.lax.scan(remat_layer(body, remat), carry, (weights, per_layer))[0]
+
+    # Layers are cut from the whole stacks at each use. Scanning the stacks reshaped
+    # to [groups, size, ...] would make XLA copy them, and a group's frozen weights
+    # sliced at once would be a copy of that many layers.
+    def layer(carry, index_and_item):
+        index, item = index_and_item
+        at = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), weights)
+        return body(carry, (at, item))
+
+    def group(carry, first):
+        items = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, first, size), per_layer)
+        indices = first + jnp.arange(size)
+        return jax.lax.scan(remat_layer(layer, "full"), carry, (indices, items))[0], None
+
+    starts = jnp.arange(0, num_layers, size)
+    return jax.lax.scan(jax.checkpoint(group, prevent_cse=False), carry, starts)[0]
 
 
 def embed(params: Params, input_ids: jax.Array, delta=None) -> jax.Array:
@@ -495,8 +540,7 @@ def hidden_states(
         layer, layer_delta = layer_and_delta
         return decoder_layer(cfg, layer, layer_delta, h, cos, sin, allowed, chunk_tokens), None
 
-    h, _ = jax.lax.scan(remat_layer(body, remat), h, (params["layers"], subtree(delta, "layers")))
-    return h
+    return scan_layers(body, h, params["layers"], subtree(delta, "layers"), remat)
 
 
 def forward(
@@ -519,8 +563,8 @@ def forward(
         segment when `segment_ids` are given).
     segment_ids: `[B, T]` int, for rows that pack several examples: attention stays
         inside each run of equal ids, so each example's logits are as if it were alone.
-    remat: None (keep `SAVED_ACTIVATIONS` for the backward pass), "full", "dots" or a
-        `jax.checkpoint` policy for the layer body (`remat_layer`).
+    remat: None (keep `SAVED_ACTIVATIONS` for the backward pass), "full", "dots",
+        "nested" (`scan_layers`) or a `jax.checkpoint` policy for the layer body.
     chunk_tokens: attention queries per block (`token_blocks`), bounding the score
         matrix held at once; None: one block. An execution setting, not architecture.
 

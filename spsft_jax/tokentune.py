@@ -323,8 +323,8 @@ def split_hidden_states(
         h_rest = llama.layer_output(cfg, frozen_layer, frozen_layer_delta, h_rest, attn_rest)
         return (h_sel, h_rest), None
 
-    layers = (params["layers"], get(delta, "layers"))
-    (h_sel, h_rest), _ = jax.lax.scan(llama.remat_layer(body, remat), (h_sel, h_rest), layers)
+    h_sel, h_rest = llama.scan_layers(body, (h_sel, h_rest), params["layers"], get(delta, "layers"),
+                                      remat)
     return h_sel, jax.lax.stop_gradient(h_rest), rest_idx
 
 

@@ -276,3 +276,9 @@ def test_a_second_process_loads_the_compiled_program(tmp_path):
     assert first_hits == 0 and first_misses > 0 and any((tmp_path / "cache").iterdir())
     second_value, (second_hits, second_misses) = run()
     assert second_value == first_value and second_hits > 0 and second_misses == 0
+
+
+def test_remat_choices_are_the_models_policies():
+    from spsft_jax import cli, llama
+
+    assert sorted(cli.REMAT_CHOICES) == sorted(llama.REMAT_POLICIES)

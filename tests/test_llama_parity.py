@@ -82,6 +82,49 @@ def test_remat_policies_give_the_same_gradients(tmp_path, capsys):
     assert len(stacked) == 1 + len(sj.llama.SAVED_ACTIVATIONS), stacked
 
 
+def test_layer_groups_of_nested_remat():
+    group = sj.llama.layer_group_size
+    assert [group(n) for n in (1, 2, 4, 6, 7, 30, 32, 80)] == [1, 2, 4, 2, 7, 5, 4, 8]
+
+
+def test_nested_remat_keeps_group_inputs_and_gives_the_gradient_of_full(tmp_path, capsys):
+    """remat="nested" on 6 layers (3 groups of 2): the forward pass keeps the inputs of
+    3 groups, not of 6 layers, and the gradient is "full"'s, through training too."""
+    import jax
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from spsft_jax import memory, train
+
+    make_hf_model(tmp_path, num_hidden_layers=6)
+    cfg, params = sj.interop.load_hf(tmp_path)
+    ids = jnp.asarray(_ids(2, 9, cfg.vocab_size))
+
+    def loss(p, remat):
+        return jnp.sum(jax.nn.log_softmax(sj.llama.forward(cfg, p, ids, remat=remat))[..., 0])
+
+    def stacked(remat):  # saved residuals stacked over layers or groups, by leading size
+        capsys.readouterr()
+        print_saved_residuals(lambda p: loss(p, remat), params)
+        lines = capsys.readouterr().out.splitlines()
+        return sorted(int(line.split("[")[1].split(",")[0]) for line in lines if ",2,9,32]" in line)
+
+    assert stacked("full") == [6] and stacked("nested") == [3]
+    full, nested = (jax.grad(loss)(params, r) for r in ("full", "nested"))
+    for a, b in zip(jax.tree.leaves(nested), jax.tree.leaves(full)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
+
+    selection = memory.spread_selection(cfg, "all-linear", 4)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
+    for tokentune in (None, 0.5):  # TokenTune scans its two paths through the same layers
+        runs = {r: train.finetune(params, selection, [batch], config=cfg, steps=3, learning_rate=1e-2,
+                                  remat=r, tokentune=tokentune) for r in ("full", "nested")}
+        for a, b in zip(*(jax.tree.leaves(run.delta) for run in runs.values())):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        losses = {r: [h["loss"] for h in run.history] for r, run in runs.items()}
+        assert losses["nested"] == pytest.approx(losses["full"], rel=1e-6)
+        assert losses["nested"][-1] < losses["nested"][0]
+
+
 def test_token_blocks_change_nothing(tmp_path):
     """Attention in query blocks and the loss in position blocks: same logits, loss and gradient."""
     import jax
