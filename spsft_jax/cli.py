@@ -182,10 +182,13 @@ def cmd_finetune(args) -> int:
             run_selection.parent.mkdir(parents=True, exist_ok=True)
             selection_lib.save(run_selection, chosen, model=str(args.model), cfg=cfg)
     longest = args.seq_len or data.bucket_length(encoded.seq_len, encoded.max_len)
-    mem, n_trainable = memory.step_memory(
-        cfg, params, chosen, batch_shape=(args.batch_size, longest), method=args.method,
-        targets=args.targets, rank=args.rank, remat=args.remat, tokentune=args.tokentune,
-        tune_norms=args.tune_norms, grad_accum=args.grad_accum, mesh=args.mesh)
+    # One set of options for the memory line and the run: the step compiled for the line is
+    # then the run's own, which it loads from the compilation cache instead of compiling.
+    run = dict(steps=steps, learning_rate=args.lr, method=args.method, targets=args.targets,
+               rank=args.rank, tune_norms=args.tune_norms, tokentune=args.tokentune, remat=args.remat,
+               grad_accum=args.grad_accum, warmup=args.warmup, schedule=args.schedule,
+               weight_decay=args.weight_decay, seed=args.seed, mesh=args.mesh)
+    mem, n_trainable = memory.step_memory(cfg, params, chosen, batch_shape=(args.batch_size, longest), **run)
     print(f"model {args.model}: {cfg.num_params():,} parameters; {args.method}: {n_trainable:,} trainable "
           f"({100 * n_trainable / cfg.num_params():.2f}%); step memory {mem / 2**20:,.1f} MiB "
           f"(compiled, batch {args.batch_size}x{longest}); {len(encoded.examples)} {encoded.format} examples, "
@@ -194,13 +197,9 @@ def cmd_finetune(args) -> int:
     before = evaluate(None)
     start = time.perf_counter()
     result = train.finetune(
-        params, chosen, _batches(args, encoded, pad_id, pack=args.pack), config=cfg, steps=steps,
-        learning_rate=args.lr, method=args.method, targets=args.targets, rank=args.rank,
-        tune_norms=args.tune_norms, tokentune=args.tokentune, remat=args.remat,
-        grad_accum=args.grad_accum, warmup=args.warmup, schedule=args.schedule,
-        weight_decay=args.weight_decay, seed=args.seed, progress=not args.quiet,
-        checkpoint_dir=None if checkpoints is None else str(checkpoints),
-        checkpoint_every=args.checkpoint_every or 0, mesh=args.mesh,
+        params, chosen, _batches(args, encoded, pad_id, pack=args.pack), config=cfg, **run,
+        progress=not args.quiet, checkpoint_dir=None if checkpoints is None else str(checkpoints),
+        checkpoint_every=args.checkpoint_every or 0,
     )
     elapsed = time.perf_counter() - start
     if not result.history:

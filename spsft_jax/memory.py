@@ -130,20 +130,31 @@ def abstract_state(params, selection, optimizer, **prepare_options) -> tuple:
     return jax.eval_shape(state, params)
 
 
+# `finetune`'s options that go to `train.TrainConfig`; the others go to `train.prepare`.
+TRAIN_OPTIONS = frozenset(field.name for field in dataclasses.fields(train.TrainConfig))
+
+
 def lowered_train_step(cfg: llama.LlamaConfig, params, selection, *, batch_shape: tuple[int, int],
-                       method: str = "spsft", targets="all-linear", rank: int = 8, remat=None,
-                       tokentune=None, grad_accum: int = 1, mesh=None, **prepare_options):
+                       method: str = "spsft", targets="all-linear", rank: int = 8, mesh=None,
+                       **options):
     """(jax `Lowered` training step, trainable parameters) for the run `finetune` would make
     with these options; `params` may be `llama.param_shapes(cfg)`. With a `mesh` (a
-    `jax.sharding.Mesh` or spec), laid out as `finetune(mesh=)` lays it out."""
-    tc = train.TrainConfig(steps=1, remat=remat, tokentune=tokentune, grad_accum=grad_accum)
+    `jax.sharding.Mesh` or spec), laid out as `finetune(mesh=)` lays it out.
+
+    options: `finetune`'s `TrainConfig` fields (steps, learning_rate, remat, tokentune,
+    grad_accum, schedule...) and `prepare` options (alpha, dropout, tune_norms). Given
+    all of a run's, the step is the one that run compiles, to the instruction: with a
+    compilation cache on (`train.use_compilation_cache`), the run then loads it."""
+    train_options = {k: v for k, v in options.items() if k in TRAIN_OPTIONS}
+    prepare_options = {k: v for k, v in options.items() if k not in TRAIN_OPTIONS}
+    tc = train.TrainConfig(**{"steps": 1, **train_options})
     optimizer = train.make_optimizer(tc)
     trainable, opt_state, frozen = abstract_state(params, selection, optimizer, method=method,
                                                   targets=targets, rank=rank, **prepare_options)
     n = sum(x.size for x in jax.tree.leaves(trainable))
     key = jax.eval_shape(lambda: jax.random.key(0))
     step = train.make_train_step(cfg, tc, optimizer)
-    batch = batch_shapes(batch_shape, grad_accum)
+    batch = batch_shapes(batch_shape, tc.grad_accum)
     if mesh is not None:
         from spsft_jax import sharding
 
@@ -158,8 +169,7 @@ def lowered_train_step(cfg: llama.LlamaConfig, params, selection, *, batch_shape
 def step_memory(cfg: llama.LlamaConfig, params, selection, *, batch_shape: tuple[int, int],
                 **options) -> tuple[int, int]:
     """(compiled memory bytes of one training step, trainable parameters), from shapes
-    only (nothing is allocated); `options` as `finetune`'s (method, targets, rank, remat,
-    tokentune, tune_norms, grad_accum)."""
+    only (nothing is allocated); `options` as `finetune`'s (`lowered_train_step`)."""
     lowered, n = lowered_train_step(cfg, params, selection, batch_shape=batch_shape, **options)
     return read(lowered.compile())[0], n
 

@@ -69,3 +69,36 @@ def test_cli_bench_prints_one_json_object_per_line(monkeypatch, capsys):
 def test_dependency_row_matches_plain_trainable_parameters(rows):
     assert (_row(rows, "spsft-mlp-dep")["trainable_params"]
             == pytest.approx(_row(rows, "spsft-mlp")["trainable_params"], rel=0.1))
+
+
+def test_lowered_step_is_the_one_the_run_compiles():
+    """Given `finetune`'s options, `lowered_train_step` lowers from shapes the very step
+    the run compiles from its arrays (so the run loads it from a compilation cache);
+    another learning rate is another step."""
+    import jax
+    import jax.numpy as jnp
+
+    from spsft_jax import train
+
+    cfg = TINY.cfg
+    params = llama.init_params(cfg, jax.random.key(0))
+    selection = memory.spread_selection(cfg, "all-linear", 4)
+    options = dict(steps=7, learning_rate=3e-3, warmup=2, schedule="cosine", weight_decay=0.01,
+                   remat="full", tune_norms=True)
+
+    def from_shapes(**changed):
+        lowered, _ = memory.lowered_train_step(cfg, llama.param_shapes(cfg), selection, batch_shape=(2, 16),
+                                               method="spsft", rank=4, **{**options, **changed})
+        return lowered.as_text()
+
+    tc = train.TrainConfig(steps=7, learning_rate=3e-3, warmup=2, schedule="cosine", weight_decay=0.01,
+                           remat="full")
+    optimizer = train.make_optimizer(tc)
+    trainable, frozen = train.prepare(params, selection, method="spsft", rank=4, tune_norms=True)
+    trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable)
+    ids = jnp.zeros((1, 2, 16), jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
+    run = train.make_train_step(cfg, tc, optimizer).lower(trainable, optimizer.init(trainable), frozen,
+                                                          batch, jax.random.key(1))
+    assert from_shapes() == run.as_text()
+    assert from_shapes(learning_rate=1e-3) != run.as_text()
