@@ -89,7 +89,8 @@ def test_layer_groups_of_nested_remat():
 
 def test_nested_remat_keeps_group_inputs_and_gives_the_gradient_of_full(tmp_path, capsys):
     """remat="nested" on 6 layers (3 groups of 2): the forward pass keeps the inputs of
-    3 groups, not of 6 layers, and the gradient is "full"'s, through training too."""
+    3 groups, not of 6 layers, and the gradient is "full"'s, through Taylor scores and
+    training (with and without TokenTune) too."""
     import jax
     from jax.ad_checkpoint import print_saved_residuals
 
@@ -115,6 +116,9 @@ def test_nested_remat_keeps_group_inputs_and_gives_the_gradient_of_full(tmp_path
 
     selection = memory.spread_selection(cfg, "all-linear", 4)
     batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
+    scores = [sj.importance.taylor(cfg, params, [batch], remat=r) for r in ("full", "nested")]
+    for a, b in zip(*(jax.tree.leaves(x) for x in scores)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
     for tokentune in (None, 0.5):  # TokenTune scans its two paths through the same layers
         runs = {r: train.finetune(params, selection, [batch], config=cfg, steps=3, learning_rate=1e-2,
                                   remat=r, tokentune=tokentune) for r in ("full", "nested")}

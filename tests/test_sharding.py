@@ -91,6 +91,18 @@ SCRIPT = textwrap.dedent("""
                 for key in ("loss", "grad_norm")}
             out[f"{name}/{spec}"]["delta"] = rel(plain.delta, sharded.delta)
 
+    # remat="nested" (6 layers: 3 groups of 2) on a mesh, against "full" on one device.
+    deep = sj.llama.LlamaConfig(**{**cfg.__dict__, "num_layers": 6})
+    deep_params = sj.llama.init_params(deep, jax.random.key(2))
+    deep_selection = sj.selection.select(sj.importance.magnitude(deep, deep_params), rank=4)
+    deep_run = dict(config=deep, steps=3, learning_rate=1e-2)
+    full = sj.finetune(deep_params, deep_selection, data, remat="full", **deep_run)
+    nested = sj.finetune(deep_params, deep_selection, data, remat="nested",
+                         mesh=sharding.make_mesh("data=2,fsdp=4"), **deep_run)
+    out["nested/data=2,fsdp=4"] = {
+        "loss": relative([h["loss"] for h in full.history], [h["loss"] for h in nested.history]),
+        "delta": rel(full.delta, nested.delta)}
+
     # Importance scores on a mesh (the paper's Taylor form, and magnitude).
     mesh = sharding.make_mesh("data=2,fsdp=4")
     out["importance"] = {
@@ -188,6 +200,11 @@ def measured():
 def test_sharded_training_equals_one_device(measured, method, mesh, what):
     """Three steps: per-step loss and gradient norm, and the trained delta."""
     assert measured[f"{method}/{mesh}"][what] <= TOL
+
+
+@pytest.mark.parametrize("what", ["loss", "delta"])
+def test_nested_remat_on_a_mesh_equals_full_on_one_device(measured, what):
+    assert measured["nested/data=2,fsdp=4"][what] <= TOL
 
 
 @pytest.mark.parametrize("method,mesh", [(m, "data=2,fsdp=4") for m in METHODS]
