@@ -2,7 +2,8 @@
 
     python benchmarks/vs_peft.py                   # synthetic Llama, and SmolLM2-135M if installed
     python benchmarks/vs_peft.py --quick           # fewer steps, synthetic only
-    python benchmarks/vs_peft.py --remat --json    # add remat "dots"/"full"/"nested" rows; JSON only
+    python benchmarks/vs_peft.py --remat --json    # add remat "dots"/"full"/"nested" rows and
+                                                   # the per-layer update; JSON only
     python benchmarks/vs_peft.py --cases synthetic
     python benchmarks/vs_peft.py --cases llama-1b --dtype bfloat16 --cold-only   # on a GPU
                                                    # (benchmarks/device_run.sh runs both dtypes)
@@ -18,7 +19,7 @@ after the first (compilation / warm-up). SPSFT trains 2r rows per linear where
 LoRA trains rank r: the same trainable parameters on square weights.
 
 Output: one JSON object per case, {"case", "implementation", "method", "rank",
-"tokentune", "remat", "trainable_params", "step_s", "tokens_per_s", "peak_rss_mib",
+"tokentune", "remat", "update", "trainable_params", "step_s", "tokens_per_s", "peak_rss_mib",
 "loss_first", "loss_last", "load_1m", "dtype", "peak_device_mib"} (ours add
 "peak_rss_warm_mib" and "step_s_warm"; "peak_device_mib" is None on the CPU), then the
 kernel line (a [1024, 512] x [512, 1376] float32 matmul, XLA against torch, same run)
@@ -73,14 +74,18 @@ CASES = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=8)),
 }
 
-# (implementation, method, tokentune, remat) per row; rank follows the method.
-RUNS = [("peft", "lora", None, None), ("spsft-jax", "lora", None, None),
-        ("spsft-jax", "spsft", None, None), ("spsft-jax", "spsft", 0.25, None),
-        ("spsft-jax", "dense", None, None)]
+# (implementation, method, tokentune, remat, update) per row; rank follows the method.
+RUNS = [("peft", "lora", None, None, None), ("spsft-jax", "lora", None, None, "global"),
+        ("spsft-jax", "spsft", None, None, "global"), ("spsft-jax", "spsft", 0.25, None, "global"),
+        ("spsft-jax", "dense", None, None, "global")]
 # "dots" keeps every matmul's output and recomputes only elementwise ops; "full" recomputes
-# layers; "nested" keeps only the inputs of groups of layers (one more forward pass).
-REMAT_RUNS = [("spsft-jax", "spsft", None, "dots"), ("spsft-jax", "spsft", None, "full"),
-              ("spsft-jax", "spsft", None, "nested"), ("spsft-jax", "spsft", 0.25, "full")]
+# layers; "nested" keeps only the inputs of groups of layers (one more forward pass). The
+# per-layer update holds no gradient buffer (no clipping here, so the same steps).
+REMAT_RUNS = [("spsft-jax", "spsft", None, "dots", "global"),
+              ("spsft-jax", "spsft", None, "full", "global"),
+              ("spsft-jax", "spsft", None, "nested", "global"),
+              ("spsft-jax", "spsft", None, "nested", "per-layer"),
+              ("spsft-jax", "spsft", 0.25, "full", "global")]
 
 
 # --------------------------------------------------------------------------- model folders
@@ -164,7 +169,7 @@ def run_torch(case: Case, folder: Path, method: str, rank: int, steps: int, dtyp
 
 
 def run_jax(case: Case, folder: Path, method: str, rank: int, tokentune, remat, steps: int,
-            dtype: str, cache: str | None = None) -> dict:
+            dtype: str, cache: str | None = None, update: str = "global") -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -178,7 +183,8 @@ def run_jax(case: Case, folder: Path, method: str, rank: int, tokentune, remat, 
     if method == "spsft":
         selection = sj.selection.select(sj.importance.magnitude(cfg, params), rank=rank)
     tc = train.TrainConfig(steps=steps, learning_rate=LEARNING_RATE, warmup=0, schedule="constant",
-                           weight_decay=0.0, max_grad_norm=None, remat=remat, tokentune=tokentune)
+                           weight_decay=0.0, max_grad_norm=None, remat=remat, tokentune=tokentune,
+                           update=update)
     trainable, frozen = train.prepare(params, selection, method=method, rank=rank, alpha=rank)
     trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable)
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
@@ -252,13 +258,14 @@ def child(spec: dict) -> dict:
         out = run_torch(case, folder, spec["method"], spec["rank"], spec["steps"], dtype)
     else:
         out = run_jax(case, folder, spec["method"], spec["rank"], spec["tokentune"], spec["remat"],
-                      spec["steps"], dtype, spec.get("cache"))
+                      spec["steps"], dtype, spec.get("cache"), spec["update"])
     after_first = out["times"][1:] or out["times"]
     step_s = statistics.median(after_first)
     tokens = case.batch_size * case.seq_len
     peak_device = out["peak_device_bytes"]
     return {"case": case.name, "implementation": spec["implementation"], "method": spec["method"],
-            "rank": spec["rank"], "tokentune": spec["tokentune"], "remat": spec["remat"], "dtype": dtype,
+            "rank": spec["rank"], "tokentune": spec["tokentune"], "remat": spec["remat"],
+            "update": spec["update"], "dtype": dtype,
             "trainable_params": out["trainable_params"], "step_s": step_s,
             "tokens_per_s": tokens / step_s,
             "peak_rss_mib": peak_rss_mib(),
@@ -294,12 +301,13 @@ def specs(case: Case, folder: Path, *, steps: int, remat: bool, methods=None,
           dtype: str = "float32") -> list[dict]:
     runs = RUNS + (REMAT_RUNS if remat else [])
     out = []
-    for implementation, method, tokentune, remat_policy in runs:
+    for implementation, method, tokentune, remat_policy, update in runs:
         if methods and method not in methods:
             continue
         rank = {"lora": case.lora_rank, "spsft": 2 * case.lora_rank}.get(method)
         out.append({"case": case.name, "folder": str(folder), "implementation": implementation,
                     "method": method, "rank": rank, "tokentune": tokentune, "remat": remat_policy,
+                    "update": update,
                     "steps": steps, "dtype": dtype})
     return out
 
@@ -310,6 +318,7 @@ def table(rows: list[dict]) -> str:
     `peak_bytes_in_use`) is the memory column that counts."""
     device = any(r.get("peak_device_mib") is not None for r in rows)
     head = (f"{'case':10} {'dtype':8} {'impl':10} {'method':7} {'rank':>4} {'tt':>5} {'remat':>6} "
+            f"{'update':>9} "
             f"{'trainable':>11} {'step s':>7} {'tok/s':>7} {'RSS MiB':>8} {'warm':>6} {'time/PEFT':>9} "
             f"{'RSS/PEFT':>8} {'warm/PEFT':>9}" + (f" {'dev MiB':>8} {'dev/PEFT':>8}" if device else ""))
     lines = [head, "-" * len(head)]
@@ -325,6 +334,7 @@ def table(rows: list[dict]) -> str:
         warm = f"{r['peak_rss_warm_mib']:6.0f}" if "peak_rss_warm_mib" in r else f"{'-':>6}"
         line = (f"{r['case']:10} {r.get('dtype', 'float32'):8} {r['implementation']:10} {r['method']:7} "
                 f"{r['rank'] or '-':>4} {r['tokentune'] or '-':>5} {r['remat'] or '-':>6} "
+                f"{r.get('update') or '-':>9} "
                 f"{r['trainable_params']:>11,} {r['step_s']:7.3f} {r['tokens_per_s']:7.0f} "
                 f"{r['peak_rss_mib']:8.0f} {warm} {ratio('step_s'):>9} {ratio('peak_rss_mib'):>8} "
                 f"{ratio('peak_rss_warm_mib', 'peak_rss_mib'):>9}")
@@ -338,7 +348,8 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 steps, synthetic case only")
-    parser.add_argument("--remat", action="store_true", help="add our remat='dots', 'full' and 'nested' rows")
+    parser.add_argument("--remat", action="store_true", help="add our remat='dots', 'full' and 'nested' rows, and "
+                        "'nested' with the per-layer update")
     parser.add_argument("--json", action="store_true", help="JSON lines only")
     parser.add_argument("--cases", default=None,
                         help=f"comma-separated, from {sorted(CASES)} (default synthetic,smollm2)")

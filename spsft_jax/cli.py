@@ -186,7 +186,7 @@ def cmd_finetune(args) -> int:
     # then the run's own, which it loads from the compilation cache instead of compiling.
     run = dict(steps=steps, learning_rate=args.lr, method=args.method, targets=args.targets,
                rank=args.rank, tune_norms=args.tune_norms, tokentune=args.tokentune, remat=args.remat,
-               grad_accum=args.grad_accum, warmup=args.warmup, schedule=args.schedule,
+               update=args.update, grad_accum=args.grad_accum, warmup=args.warmup, schedule=args.schedule,
                weight_decay=args.weight_decay, seed=args.seed, mesh=args.mesh)
     mem, n_trainable = memory.step_memory(cfg, params, chosen, batch_shape=(args.batch_size, longest), **run)
     print(f"model {args.model}: {cfg.num_params():,} parameters; {args.method}: {n_trainable:,} trainable "
@@ -299,7 +299,7 @@ def cmd_plan(args) -> int:
     if args.mesh is not None:
         return _plan_on_mesh(args, cfg)
     print_rows(memory.plan(cfg, rank=args.rank, seq_len=args.seq_len, batch_size=args.batch_size,
-                           remat=args.remat), as_json=args.json)
+                           remat=args.remat, update=args.update), as_json=args.json)
     return 0
 
 
@@ -312,6 +312,7 @@ def _plan_on_mesh(args, cfg) -> int:
 
     plan = memory.plan_on_devices(cfg, args.mesh, method=args.method, rank=args.rank,
                                   seq_len=args.seq_len, batch_size=args.batch_size, remat=args.remat,
+                                  update=args.update,
                                   tokentune=args.tokentune, dtype=getattr(jnp, args.dtype))
     if args.json:
         print(json.dumps(plan))
@@ -335,13 +336,19 @@ GiB = 2**30
 REMAT_CHOICES = ["full", "dots", "nested"]
 REMAT_HELP = ("recompute in the backward pass instead of keeping: full (each layer), dots (all but "
               "matmul outputs), nested (layers in groups: least memory, one more forward pass)")
+# `train.UPDATES`, spelled out for the same reason.
+UPDATE_CHOICES = ["global", "per-layer"]
+UPDATE_HELP = ("global (default): the whole gradient, clipped by its global norm, then AdamW; "
+               "per-layer: each layer updated inside the backward pass, so no gradient buffer is "
+               "held, and each layer's gradient clipped on its own (needs --remat full or nested)")
 
 COLUMNS = (  # header, width, how a row shows it
     ("setting", 10, lambda r: r["setting"]),
-    ("method", 13, lambda r: r["method"]),
+    ("method", 18, lambda r: r["method"]),
     ("rank", 5, lambda r: r["rank"] or ""),
     ("tt", 5, lambda r: r["tokentune"] or ""),
     ("remat", 6, lambda r: r["remat"] or "-"),
+    ("update", 9, lambda r: r.get("update") or "-"),
     ("trainable", 13, lambda r: f"{r['trainable_params']:,}"),
     ("mem GiB", 9, lambda r: f"{r['mem_bytes'] / GiB:.3f}"),
     ("temp GiB", 9, lambda r: f"{r['temp_bytes'] / GiB:.3f}"),
@@ -440,6 +447,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--tokentune", type=float, help="fraction (or count) of tokens to backpropagate through")
     p.add_argument("--tune-norms", action="store_true", help="also tune the RMSNorm weights")
+    p.add_argument("--update", default="global", choices=UPDATE_CHOICES, help=UPDATE_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/finetune")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -483,6 +491,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--remat", choices=REMAT_CHOICES, help=REMAT_HELP)
+    p.add_argument("--update", default="global", choices=UPDATE_CHOICES, help=UPDATE_HELP)
     p.add_argument("--json", action="store_true")
     p.add_argument("--mesh", help="per-device memory of one method on a mesh such as data=1,fsdp=8; "
                                   "with fewer devices here than it needs, the step is compiled in a "

@@ -513,7 +513,7 @@ def default_positions(input_ids: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
-def hidden_states(
+def decoder_stack(
     cfg: LlamaConfig,
     params: Params,
     input_ids: jax.Array,
@@ -522,10 +522,10 @@ def hidden_states(
     *,
     position_ids: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
-    remat: str | Callable | bool | None = None,
     chunk_tokens: int | None = CHUNK_TOKENS,
-) -> jax.Array:
-    """Embeddings through all decoder layers (scanned), before the final norm."""
+) -> tuple[jax.Array, Callable]:
+    """(embeddings `[B, T, hidden]`, `body`): the decoder's input and its layer,
+    `body(h, (layer_weights, layer_delta)) -> (h, None)`, as `scan_layers` runs it."""
     index = default_positions(input_ids)
     if position_ids is not None:
         positions = position_ids
@@ -540,6 +540,24 @@ def hidden_states(
         layer, layer_delta = layer_and_delta
         return decoder_layer(cfg, layer, layer_delta, h, cos, sin, allowed, chunk_tokens), None
 
+    return h, body
+
+
+def hidden_states(
+    cfg: LlamaConfig,
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    delta=None,
+    *,
+    position_ids: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    remat: str | Callable | bool | None = None,
+    chunk_tokens: int | None = CHUNK_TOKENS,
+) -> jax.Array:
+    """Embeddings through all decoder layers (scanned), before the final norm."""
+    h, body = decoder_stack(cfg, params, input_ids, attention_mask, delta, position_ids=position_ids,
+                            segment_ids=segment_ids, chunk_tokens=chunk_tokens)
     return scan_layers(body, h, params["layers"], subtree(delta, "layers"), remat)
 
 

@@ -229,8 +229,10 @@ def dependency_selection(cfg: llama.LlamaConfig, rank: int) -> dict:
     return selection_lib.select(scores, rank=channels, cfg=cfg, dependency=True)
 
 
-def lowered_variant(setting: Setting, variant: Variant, remat: str | None, dtype=jnp.float32):
-    """(jax `Lowered`, trainable parameter count) for one method on one setting."""
+def lowered_variant(setting: Setting, variant: Variant, remat: str | None, dtype=jnp.float32,
+                    update: str = "global"):
+    """(jax `Lowered`, trainable parameter count) for one method on one setting; `update`
+    as `train.TrainConfig`'s for the training methods."""
     cfg, shape = setting.cfg, (setting.batch_size, setting.seq_len)
     params = llama.param_shapes(cfg, dtype)
     if variant.method == "inference":
@@ -248,19 +250,22 @@ def lowered_variant(setting: Setting, variant: Variant, remat: str | None, dtype
     lora_options = dict(alpha=16.0, dropout=0.1) if variant.paper else {}
     return lowered_train_step(cfg, params, selection, batch_shape=shape, method=variant.method,
                               targets=variant.targets, rank=variant.rank or 8, remat=remat,
-                              tokentune=variant.tokentune, **lora_options)
+                              tokentune=variant.tokentune, update=update, **lora_options)
 
 
 def measure(setting: Setting, *, remats=(None, "full"), fractions=(), execute: bool | None = None,
-            methods: list[Variant] | None = None) -> list[dict]:
-    """One row per method and remat policy (see the module docstring)."""
+            methods: list[Variant] | None = None, update: str = "global") -> list[dict]:
+    """One row per method and remat policy (see the module docstring); the training
+    methods' step with `update` ("global" or "per-layer", `train.TrainConfig`)."""
     execute = setting.execute if execute is None else execute
     rows = []
     for remat in remats:
         inference = None
         for v in variants(setting, fractions) if methods is None else methods:
             # The forward pass has nothing to recompute.
-            lowered, n = lowered_variant(setting, v, None if v.method == "inference" else remat)
+            training = v.method not in ("inference", "taylor", "taylor-elementwise")
+            lowered, n = lowered_variant(setting, v, None if v.method == "inference" else remat,
+                                         update=update if training else "global")
             compiled = lowered.compile()
             mem, temp = read(compiled)
             if v.method == "inference":
@@ -268,7 +273,8 @@ def measure(setting: Setting, *, remats=(None, "full"), fractions=(), execute: b
             step_s = time_step(lowered, compiled) if execute and v.method != "inference" else None
             rows.append({
                 "setting": setting.name, "method": v.label, "rank": v.rank,
-                "tokentune": v.tokentune, "remat": remat, "trainable_params": n,
+                "tokentune": v.tokentune, "remat": remat,
+                "update": update if training else None, "trainable_params": n,
                 "mem_bytes": mem, "temp_bytes": temp,
                 "mem_minus_inference_bytes": None if v.method == "inference" else mem - inference,
                 "ttl_over_m": mem / inference if inference else None,
@@ -277,10 +283,11 @@ def measure(setting: Setting, *, remats=(None, "full"), fractions=(), execute: b
     return rows
 
 
-def plan(cfg: llama.LlamaConfig, *, rank: int, seq_len: int, batch_size: int, remat=None) -> list[dict]:
+def plan(cfg: llama.LlamaConfig, *, rank: int, seq_len: int, batch_size: int, remat=None,
+         update: str = "global") -> list[dict]:
     """`measure` rows of every method for a model config, compiled only (nothing allocated)."""
     return measure(Setting("model", cfg, batch_size, seq_len, rank, execute=False), remats=(remat,),
-                   execute=False)
+                   execute=False, update=update)
 
 
 # --------------------------------------------------------------------------- several devices
@@ -311,7 +318,7 @@ def sharded_sizes(cfg: llama.LlamaConfig, mesh, *, method: str = "spsft", rank: 
 
 def device_plan(cfg: llama.LlamaConfig, mesh, *, method: str = "spsft", rank: int = 8,
                 seq_len: int = 2048, batch_size: int = 8, remat=None, tokentune=None,
-                targets="all-linear", dtype=jnp.float32) -> dict:
+                targets="all-linear", dtype=jnp.float32, update: str = "global") -> dict:
     """Per-device memory of one training step on `mesh`, compiled from shapes here (the
     devices the mesh names must exist; `plan_on_devices` forces them on the CPU):
     weights, trainable and optimizer bytes from the sharded shapes, `activations_bytes`
@@ -325,10 +332,10 @@ def device_plan(cfg: llama.LlamaConfig, mesh, *, method: str = "spsft", rank: in
     lowered, _ = lowered_train_step(
         cfg, llama.param_shapes(cfg, dtype), _plan_selection(cfg, method, targets, rank),
         batch_shape=(batch_size, seq_len), method=method, targets=targets, rank=rank, remat=remat,
-        tokentune=tokentune, mesh=mesh)
+        tokentune=tokentune, update=update, mesh=mesh)
     total, temp = read(lowered.compile())
     return {**plan_row, "method": method, "rank": rank, "batch_size": batch_size, "seq_len": seq_len,
-            "remat": remat, "tokentune": tokentune, "dtype": jnp.dtype(dtype).name,
+            "remat": remat, "update": update, "tokentune": tokentune, "dtype": jnp.dtype(dtype).name,
             "activations_bytes": temp, "total_bytes": total, "platform": jax.devices()[0].platform,
             "compile_s": round(time.perf_counter() - start, 1)}
 

@@ -39,6 +39,7 @@ from spsft_jax.losses import causal_lm_loss, chunked_causal_lm_loss
 
 METHODS = ("spsft", "lora", "dense", "head")
 SCHEDULES = ("linear", "cosine", "constant")
+UPDATES = ("global", "per-layer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,10 @@ class TrainConfig:
     tokentune_prefer: None (TokenTune's sampling: first, last and uniformly random tokens,
         `int(f * (len - 2)) + 2` per row) or "loss": draw the random tokens from the
         loss-bearing positions first (a departure from TokenTune).
+    update: "global" (the whole gradient, clipped by its global norm, then AdamW) or
+        "per-layer": each layer updated inside the backward pass, so no gradient buffer
+        is held, with `max_grad_norm` clipping each layer's gradient on its own
+        (`spsft_jax.layerwise`; needs remat "full" or "nested", no grad_accum or TokenTune).
     """
 
     steps: int = 20
@@ -75,6 +80,7 @@ class TrainConfig:
     seed: int = 0
     tokentune_prefer: str | None = None
     chunk_tokens: int | None = llama.CHUNK_TOKENS
+    update: str = "global"
 
     def __post_init__(self):
         if self.steps < 1:
@@ -91,6 +97,15 @@ class TrainConfig:
             raise ValueError(f"tokentune_loss={self.tokentune_loss!r}: 'selected' or 'all'")
         if self.tokentune_prefer not in (None, "loss"):
             raise ValueError(f"tokentune_prefer={self.tokentune_prefer!r}: None or 'loss'")
+        if self.update not in UPDATES:
+            raise ValueError(f"update={self.update!r}: choose one of {UPDATES}")
+        if self.update == "per-layer":
+            if self.remat not in ("full", "nested"):
+                raise ValueError(f"update='per-layer' recomputes each layer in its backward pass: "
+                                 f"set remat='full' or 'nested' (not {self.remat!r})")
+            if self.grad_accum != 1 or self.tokentune is not None:
+                raise ValueError("update='per-layer' takes one micro-batch per step and no "
+                                 "TokenTune: set grad_accum=1 and tokentune=None")
 
     @property
     def warmup_steps(self) -> int:
@@ -181,8 +196,7 @@ def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, ke
     if tc.tokentune is None:
         h = llama.hidden_states(cfg, params, ids, mask, delta, segment_ids=segments, remat=tc.remat,
                                 chunk_tokens=tc.chunk_tokens)
-        return chunked_causal_lm_loss(lambda x: llama.head(cfg, params, x, delta), h, labels,
-                                      tc.chunk_tokens)
+        return head_loss(cfg, tc, params, delta, h, labels)
     from spsft_jax import tokentune
 
     if segments is not None:
@@ -199,13 +213,23 @@ def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, ke
     return causal_lm_loss(logits, labels)
 
 
+def head_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, h, labels) -> tuple[jax.Array, jax.Array]:
+    """(summed token loss, number of loss tokens) from the last layer's hidden states."""
+    return chunked_causal_lm_loss(lambda x: llama.head(cfg, params, x, delta), h, labels, tc.chunk_tokens)
+
+
 def make_train_step(cfg: llama.LlamaConfig, tc: TrainConfig, optimizer: optax.GradientTransformation):
     """`step(trainable, opt_state, frozen, batch, key) -> (trainable, opt_state, metrics)`.
 
     batch: dict of int32 `[grad_accum, micro_batch, seq]` arrays. Gradients of the summed
     loss are accumulated over micro-batches with `lax.scan` and divided by the token
-    count, so accumulation gives the same step as one large batch.
+    count, so accumulation gives the same step as one large batch. With
+    `tc.update == "per-layer"`, `spsft_jax.layerwise`'s step instead.
     """
+    if tc.update == "per-layer":
+        from spsft_jax import layerwise
+
+        return jax.jit(layerwise.make_step(cfg, tc, optimizer), donate_argnums=(0, 1))
 
     def micro_grads(trainable, frozen, micro, key):
         def loss_of(t):

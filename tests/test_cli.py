@@ -282,3 +282,9 @@ def test_remat_choices_are_the_models_policies():
     from spsft_jax import cli, llama
 
     assert sorted(cli.REMAT_CHOICES) == sorted(llama.REMAT_POLICIES)
+
+
+def test_update_choices_are_the_training_steps():
+    from spsft_jax import cli, train
+
+    assert cli.UPDATE_CHOICES == list(train.UPDATES)

@@ -102,6 +102,15 @@ SCRIPT = textwrap.dedent("""
     out["nested/data=2,fsdp=4"] = {
         "loss": relative([h["loss"] for h in full.history], [h["loss"] for h in nested.history]),
         "delta": rel(full.delta, nested.delta)}
+    # The per-layer update on a mesh, against the global one on one device (no clipping,
+    # where the two agree).
+    unclipped = dict(deep_run, max_grad_norm=None)
+    whole = sj.finetune(deep_params, deep_selection, data, remat="full", **unclipped)
+    layered = sj.finetune(deep_params, deep_selection, data, remat="nested", update="per-layer",
+                          mesh=sharding.make_mesh("data=2,fsdp=4"), **unclipped)
+    out["per-layer/data=2,fsdp=4"] = {
+        "loss": relative([h["loss"] for h in whole.history], [h["loss"] for h in layered.history]),
+        "delta": rel(whole.delta, layered.delta)}
 
     # Importance scores on a mesh (the paper's Taylor form, and magnitude).
     mesh = sharding.make_mesh("data=2,fsdp=4")
@@ -205,6 +214,11 @@ def test_sharded_training_equals_one_device(measured, method, mesh, what):
 @pytest.mark.parametrize("what", ["loss", "delta"])
 def test_nested_remat_on_a_mesh_equals_full_on_one_device(measured, what):
     assert measured["nested/data=2,fsdp=4"][what] <= TOL
+
+
+@pytest.mark.parametrize("what", ["loss", "delta"])
+def test_per_layer_update_on_a_mesh_equals_the_global_update_on_one_device(measured, what):
+    assert measured["per-layer/data=2,fsdp=4"][what] <= TOL
 
 
 @pytest.mark.parametrize("method,mesh", [(m, "data=2,fsdp=4") for m in METHODS]

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("peft")
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "vs_peft.py"
-FIELDS = {"case", "implementation", "method", "rank", "tokentune", "remat", "trainable_params",
+FIELDS = {"case", "implementation", "method", "rank", "tokentune", "remat", "update", "trainable_params",
           "step_s", "tokens_per_s", "peak_rss_mib", "loss_first", "loss_last"}
 
 
