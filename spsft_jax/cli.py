@@ -163,6 +163,7 @@ def cmd_finetune(args) -> int:
     from spsft_jax import selection as selection_lib
 
     _job_defaults(args)
+    _check_update(args)
     out = Path(args.out)
     checkpoints = _checkpoint_dir(args, out)
     cfg, params = _load(args)
@@ -637,6 +638,18 @@ def _check_inputs(args) -> None:
         path = getattr(args, option, None)
         if path and Path(path).is_dir():
             raise UsageError(f"--{option} {path}: is a folder, not a .safetensors file")
+
+
+def _check_update(args) -> None:
+    """`--update per-layer`'s requirements, before anything is loaded."""
+    if args.update != "per-layer":
+        return
+    if args.remat not in ("full", "nested"):
+        raise UsageError("--update per-layer recomputes each layer in its backward pass: "
+                         "add --remat full or --remat nested")
+    if args.grad_accum != 1 or args.tokentune is not None:
+        raise UsageError("--update per-layer takes one micro-batch per step and no TokenTune: "
+                         "drop --grad-accum and --tokentune")
 
 
 def _checkpoint_dir(args, out: Path) -> Path | None:

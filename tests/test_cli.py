@@ -161,6 +161,26 @@ def test_finetune_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case):
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["bad.jsonl"])
 
 
+@pytest.mark.parametrize("extra,named", [([], "--remat full or --remat nested"),
+                                         (["--remat", "dots"], "--remat full or --remat nested"),
+                                         (["--remat", "full", "--tokentune", "0.5"], "--tokentune")])
+def test_per_layer_update_without_what_it_needs_exits_2(tmp_path, capsys, extra, named):
+    out = tmp_path / "out"
+    assert cli.main(["finetune", "--update", "per-layer", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("spsft-jax finetune: error: --update per-layer")
+    assert named in err[0]
+    assert not out.exists()
+
+
+def test_per_layer_update_trains_the_default_job(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["finetune", "--steps", "3", "--quiet", "--remat", "nested", "--update", "per-layer",
+                     "--out", str(out)]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["history"]) == 3 and history["train_loss_last"] < history["train_loss_first"]
+
+
 @pytest.mark.parametrize("command", ["export", "generate"])
 def test_missing_adapter_exits_2_and_writes_nothing(tmp_path, capsys, command):
     adapter = tmp_path / "no-such-adapter.safetensors"
