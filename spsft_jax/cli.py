@@ -647,9 +647,8 @@ def _check_update(args) -> None:
     if args.remat not in ("full", "nested"):
         raise UsageError("--update per-layer recomputes each layer in its backward pass: "
                          "add --remat full or --remat nested")
-    if args.grad_accum != 1 or args.tokentune is not None:
-        raise UsageError("--update per-layer takes one micro-batch per step and no TokenTune: "
-                         "drop --grad-accum and --tokentune")
+    if args.grad_accum != 1:
+        raise UsageError("--update per-layer takes one micro-batch per step: drop --grad-accum")
 
 
 def _checkpoint_dir(args, out: Path) -> Path | None:

@@ -19,10 +19,12 @@ layer has been updated:
   reports `finite=False` (`finetune` stops); the layers above it are already updated.
   A loss that is not finite updates nothing.
 
-The forward pass keeps the input of every layer (remat "full") or of every group of
-`llama.layer_group_size` layers ("nested", whose backward pass recomputes a group's
-layer inputs first); each layer is recomputed in its backward pass, as with those
-policies in the default step. One micro-batch per step, no TokenTune.
+The loss comes in `train.loss_parts`' pieces: the embeddings, the layer body and the
+head with its loss, so TokenTune's two-path carry runs the same way as the plain
+hidden states. The forward pass keeps the input of every layer (remat "full") or of
+every group of `llama.layer_group_size` layers ("nested", whose backward pass
+recomputes a group's layer inputs first); each layer is recomputed in its backward
+pass, as with those policies in the default step. One micro-batch per step.
 """
 from __future__ import annotations
 
@@ -46,42 +48,35 @@ def make_step(cfg: llama.LlamaConfig, tc, optimizer: optax.GradientTransformatio
 
     def step(trainable, opt_state, frozen, batch, key):
         micro = jax.tree.map(lambda x: x[0], batch)
-        ids, mask, labels = micro["input_ids"], micro["attention_mask"], micro["labels"]
+        key = jax.random.split(key, 1)[0]  # the global step's key for its one micro-batch
         params, weights = frozen["params"], frozen["params"]["layers"]
+        stack, finish = train.loss_parts(cfg, tc, params, micro, key)
         # LoRA dropout keys (not trained) join the fixed half, as `batch_loss` adds them.
         _, fixed = deltas.split(deltas.with_dropout_keys(
             deltas.combine(trainable["delta"], frozen["delta"]), jax.random.fold_in(key, 1)))
         fixed_layers = fixed.get("layers")
-
-        def delta_of(rest, layers):
-            tree = dict(rest) if layers is None else {**rest, "layers": layers}
-            return deltas.combine(tree, fixed)
-
-        def stack(rest, layers):
-            return llama.decoder_stack(cfg, params, ids, mask, delta_of(rest, layers),
-                                       segment_ids=micro.get("segment_ids"),
-                                       chunk_tokens=tc.chunk_tokens)
-
         rest, layers = _parts(trainable)
-        _, body = stack(rest, layers)
 
-        def layer(h, index, layer_trainable):
+        def delta_of(rest):  # the whole delta, for the parts outside the layers
+            return deltas.combine(rest if layers is None else {**rest, "layers": layers}, fixed)
+
+        _, body = stack(delta_of(rest))
+
+        def layer(carry, index, layer_trainable):
             layer_delta = deltas.combine(layer_trainable, _at(fixed_layers, index))
-            return body(h, (_at(weights, index), layer_delta))[0]
+            return body(carry, (_at(weights, index), layer_delta))[0]
 
-        def run(h, index, layers):
-            return layer(h, index, _at(layers, index))
+        def run(carry, index, layers):
+            return layer(carry, index, _at(layers, index))
 
         # Forward: keep each group's input.
-        def group_forward(h, first):
-            h_out = jax.lax.scan(lambda c, i: (run(c, i, layers), None), h, first + jnp.arange(size))[0]
-            return h_out, h
+        def group_forward(carry, first):
+            out = jax.lax.scan(lambda c, i: (run(c, i, layers), None), carry, first + jnp.arange(size))[0]
+            return out, carry
 
-        h0, embed_vjp = jax.vjp(lambda r: stack(r, layers)[0], rest)
-        top, kept = jax.lax.scan(group_forward, h0, size * jnp.arange(groups))
-        loss_sum, head_vjp, tokens = jax.vjp(
-            lambda h, r: train.head_loss(cfg, tc, params, delta_of(r, layers), h, labels),
-            top, rest, has_aux=True)
+        start, embed_vjp = jax.vjp(lambda r: stack(delta_of(r))[0], rest)
+        top, kept = jax.lax.scan(group_forward, start, size * jnp.arange(groups))
+        loss_sum, head_vjp, tokens = jax.vjp(lambda c, r: finish(c, delta_of(r)), top, rest, has_aux=True)
         denom = jnp.maximum(tokens, 1).astype(jnp.float32)
         loss = loss_sum / denom
 
@@ -91,34 +86,31 @@ def make_step(cfg: llama.LlamaConfig, tc, optimizer: optax.GradientTransformatio
             def group_backward(g, carry):
                 group = groups - 1 - g
                 first = group * size
-                dh, trainable, opt_state, sq, ok = carry
+                d, trainable, opt_state, sq, ok = carry
                 live = _parts(trainable)[1]
-                h = jax.lax.dynamic_index_in_dim(kept, group, keepdims=False)
                 # The group's layer inputs, recomputed from its kept input.
-                last, below = jax.lax.scan(lambda c, i: (run(c, i, live), c), h,
+                last, below = jax.lax.scan(lambda c, i: (run(c, i, live), c), _at(kept, group),
                                            first + jnp.arange(size - 1))
-                inputs = jnp.concatenate([below, last[None]])
+                inputs = jax.tree.map(lambda b, x: jnp.concatenate([b, x[None]]), below, last)
 
                 def layer_backward(j, carry):
-                    dh, trainable, opt_state, sq, ok = carry
+                    d, trainable, opt_state, sq, ok = carry
                     index = first + size - 1 - j
-                    mine = _at(_parts(trainable)[1], index)
-                    _, vjp = jax.vjp(lambda x, t: layer(x, index, t),
-                                     jax.lax.dynamic_index_in_dim(inputs, size - 1 - j, keepdims=False),
-                                     mine)
-                    dh, grads = vjp(dh)
+                    _, vjp = jax.vjp(lambda x, t: layer(x, index, t), _at(inputs, size - 1 - j),
+                                     _at(_parts(trainable)[1], index))
+                    d, grads = vjp(d)
                     if layers is None:  # nothing trained inside the layers
-                        return dh, trainable, opt_state, sq, ok
+                        return d, trainable, opt_state, sq, ok
                     trainable, opt_state, g_sq, applied = _update(
                         optimizer, tc, trainable, opt_state, {"layers": grads}, index)
-                    return dh, trainable, opt_state, sq + g_sq, ok & applied
+                    return d, trainable, opt_state, sq + g_sq, ok & applied
 
-                return jax.lax.fori_loop(0, size, layer_backward, (dh, trainable, opt_state, sq, ok))
+                return jax.lax.fori_loop(0, size, layer_backward, (d, trainable, opt_state, sq, ok))
 
             zero, yes = jnp.zeros((), jnp.float32), jnp.ones((), bool)
-            dh, trainable, opt_state, sq, ok = jax.lax.fori_loop(
+            d, trainable, opt_state, sq, ok = jax.lax.fori_loop(
                 0, groups, group_backward, (d_top, trainable, opt_state, zero, yes))
-            (embed_grads,) = embed_vjp(dh)
+            (embed_grads,) = embed_vjp(d)
             rest_grads = jax.tree.map(jnp.add, head_grads, embed_grads)
             trainable, opt_state, g_sq, applied = _update(optimizer, tc, trainable, opt_state,
                                                           rest_grads, None)
@@ -143,9 +135,7 @@ def _parts(trainable: dict) -> tuple[dict, dict | None]:
 
 
 def _at(tree, index):
-    """Layer `index` of stacked leaves (`index` None: the tree as it is)."""
-    if index is None or tree is None:
-        return tree
+    """Entry `index` of the leading axis of every leaf (None stays None)."""
     return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), tree)
 
 

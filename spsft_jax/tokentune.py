@@ -268,7 +268,7 @@ def _rest_query_chunk(k: int, chunk_tokens: int | None) -> int:
     return min(chunk, chunk_tokens) if chunk_tokens else chunk
 
 
-def split_hidden_states(
+def split_stack(
     cfg: LlamaConfig,
     params: Params,
     input_ids: jax.Array,
@@ -277,15 +277,13 @@ def split_hidden_states(
     delta: Any = None,
     *,
     position_ids: jax.Array | None = None,
-    remat: str | Callable | bool | None = None,
     query_chunk: int | None = None,
     chunk_tokens: int | None = llama.CHUNK_TOKENS,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Decoder output before the final norm, split: (h_selected [B, k, D],
-    h_rest [B, T-k, D] (constant: no gradient), rest_indices [B, T-k]).
-
-    One `lax.scan` over the stacked layers carries both halves; arguments as `forward`.
-    """
+) -> tuple[tuple[jax.Array, jax.Array], Callable, jax.Array]:
+    """((h_selected [B, k, D], h_rest [B, T-k, D]), body, rest_indices [B, T-k]): the
+    two halves' embeddings and the layer that carries both, `body((h_sel, h_rest),
+    (layer_weights, layer_delta)) -> ((h_sel, h_rest), None)`, as `llama.scan_layers`
+    runs it (`llama.decoder_stack` for the split forward; arguments as `forward`)."""
     b, t = input_ids.shape
     chunk = query_chunk or _rest_query_chunk(token_indices.shape[1], chunk_tokens)
     sel_idx = token_indices.astype(jnp.int32)
@@ -323,9 +321,52 @@ def split_hidden_states(
         h_rest = llama.layer_output(cfg, frozen_layer, frozen_layer_delta, h_rest, attn_rest)
         return (h_sel, h_rest), None
 
-    h_sel, h_rest = llama.scan_layers(body, (h_sel, h_rest), params["layers"], get(delta, "layers"),
-                                      remat)
+    return (h_sel, h_rest), body, rest_idx
+
+
+def split_hidden_states(
+    cfg: LlamaConfig,
+    params: Params,
+    input_ids: jax.Array,
+    token_indices: jax.Array,
+    attention_mask: jax.Array | None = None,
+    delta: Any = None,
+    *,
+    position_ids: jax.Array | None = None,
+    remat: str | Callable | bool | None = None,
+    query_chunk: int | None = None,
+    chunk_tokens: int | None = llama.CHUNK_TOKENS,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Decoder output before the final norm, split: (h_selected [B, k, D],
+    h_rest [B, T-k, D] (constant: no gradient), rest_indices [B, T-k]).
+
+    One `lax.scan` over the stacked layers carries both halves; arguments as `forward`.
+    """
+    carry, body, rest_idx = split_stack(cfg, params, input_ids, token_indices, attention_mask, delta,
+                                        position_ids=position_ids, query_chunk=query_chunk,
+                                        chunk_tokens=chunk_tokens)
+    h_sel, h_rest = llama.scan_layers(body, carry, params["layers"], get(delta, "layers"), remat)
     return h_sel, jax.lax.stop_gradient(h_rest), rest_idx
+
+
+def split_logits(cfg: LlamaConfig, params: Params, h_sel: jax.Array, h_rest: jax.Array,
+                 token_indices: jax.Array, rest_indices: jax.Array, delta: Any = None) -> jax.Array:
+    """Logits `[B, T, vocab]` from the split decoder output, gradients from the selected
+    positions only. The head runs per half: the backward pass multiplies only k rows."""
+    logits_sel = llama.head(cfg, params, h_sel, delta)
+    frozen_params, frozen_delta, h_rest = jax.lax.stop_gradient((params, delta, h_rest))
+    logits_rest = llama.head(cfg, frozen_params, h_rest, frozen_delta)
+    return _interleave(logits_sel, logits_rest, token_indices.astype(jnp.int32), rest_indices)
+
+
+def selected_loss(cfg: LlamaConfig, params: Params, h_sel: jax.Array, targets: jax.Array,
+                  delta: Any = None, chunk_tokens: int | None = llama.CHUNK_TOKENS
+                  ) -> tuple[jax.Array, jax.Array]:
+    """(summed loss, loss tokens) of the selected positions' `targets` (`selected_targets`),
+    the head run on `h_sel` only, `chunk_tokens` at a time."""
+    token_losses, counts = blocked_cross_entropy(lambda h: llama.head(cfg, params, h, delta), h_sel,
+                                                 targets, chunk_tokens)
+    return token_losses.sum(), counts.sum(dtype=jnp.int32)
 
 
 def forward(
@@ -361,11 +402,7 @@ def forward(
     h_sel, h_rest, rest_idx = split_hidden_states(
         cfg, params, input_ids, token_indices, attention_mask, delta,
         position_ids=position_ids, remat=remat, query_chunk=query_chunk, chunk_tokens=chunk_tokens)
-    # The head runs per path: the backward pass then multiplies only k rows.
-    logits_sel = llama.head(cfg, params, h_sel, delta)
-    frozen_params, frozen_delta = jax.lax.stop_gradient((params, delta))
-    logits_rest = llama.head(cfg, frozen_params, h_rest, frozen_delta)
-    return _interleave(logits_sel, logits_rest, token_indices.astype(jnp.int32), rest_idx)
+    return split_logits(cfg, params, h_sel, h_rest, token_indices, rest_idx, delta)
 
 
 def selected_causal_lm_loss(
@@ -394,8 +431,5 @@ def selected_causal_lm_loss(
     h_sel, _, _ = split_hidden_states(
         cfg, params, input_ids, token_indices, attention_mask, delta,
         position_ids=position_ids, remat=remat, query_chunk=query_chunk, chunk_tokens=chunk_tokens)
-    targets = selected_targets(labels, token_indices, valid)
-
-    token_losses, counts = blocked_cross_entropy(lambda h: llama.head(cfg, params, h, delta), h_sel,
-                                                 targets, chunk_tokens)
-    return token_losses.sum(), counts.sum(dtype=jnp.int32)
+    return selected_loss(cfg, params, h_sel, selected_targets(labels, token_indices, valid), delta,
+                         chunk_tokens)

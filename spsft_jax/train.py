@@ -36,6 +36,7 @@ from spsft_jax import delta as deltas
 from spsft_jax import llama
 from spsft_jax.data import normalize_batch
 from spsft_jax.losses import causal_lm_loss, chunked_causal_lm_loss
+from spsft_jax.trees import get as subtree
 
 METHODS = ("spsft", "lora", "dense", "head")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -61,7 +62,7 @@ class TrainConfig:
     update: "global" (the whole gradient, clipped by its global norm, then AdamW) or
         "per-layer": each layer updated inside the backward pass, so no gradient buffer
         is held, with `max_grad_norm` clipping each layer's gradient on its own
-        (`spsft_jax.layerwise`; needs remat "full" or "nested", no grad_accum or TokenTune).
+        (`spsft_jax.layerwise`; needs remat "full" or "nested", and no grad_accum).
     """
 
     steps: int = 20
@@ -103,9 +104,8 @@ class TrainConfig:
             if self.remat not in ("full", "nested"):
                 raise ValueError(f"update='per-layer' recomputes each layer in its backward pass: "
                                  f"set remat='full' or 'nested' (not {self.remat!r})")
-            if self.grad_accum != 1 or self.tokentune is not None:
-                raise ValueError("update='per-layer' takes one micro-batch per step and no "
-                                 "TokenTune: set grad_accum=1 and tokentune=None")
+            if self.grad_accum != 1:
+                raise ValueError("update='per-layer' takes one micro-batch per step: set grad_accum=1")
 
     @property
     def warmup_steps(self) -> int:
@@ -187,16 +187,28 @@ def join(trainable: dict, frozen: dict) -> tuple[llama.Params, Any]:
 # --------------------------------------------------------------------------- loss and step
 
 
-def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, key) -> tuple[jax.Array, jax.Array]:
-    """(summed token loss, number of loss tokens) for one micro-batch."""
+def loss_parts(cfg: llama.LlamaConfig, tc: TrainConfig, params, batch, key) -> tuple[Callable, Callable]:
+    """One micro-batch's loss in the parts that a layer scan joins:
+
+        stack(delta) -> (carry, body)        the decoder's input and its layer,
+                                             body(carry, (layer_weights, layer_delta)) -> (carry, None)
+        finish(carry, delta) -> (summed token loss, number of loss tokens)
+
+    The carry is the hidden states `[B, T, D]`, or TokenTune's (selected, rest) pair.
+    `batch_loss` runs the layers with `llama.scan_layers`; `spsft_jax.layerwise` one at a
+    time. `key` draws TokenTune's tokens."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     segments = batch.get("segment_ids")  # packed rows: attention stays inside each example
-    if key is not None:  # LoRA dropout draws from the step's key
-        delta = deltas.with_dropout_keys(delta, jax.random.fold_in(key, 1))
     if tc.tokentune is None:
-        h = llama.hidden_states(cfg, params, ids, mask, delta, segment_ids=segments, remat=tc.remat,
-                                chunk_tokens=tc.chunk_tokens)
-        return head_loss(cfg, tc, params, delta, h, labels)
+        def stack(delta):
+            return llama.decoder_stack(cfg, params, ids, mask, delta, segment_ids=segments,
+                                       chunk_tokens=tc.chunk_tokens)
+
+        def finish(h, delta):
+            return chunked_causal_lm_loss(lambda x: llama.head(cfg, params, x, delta), h, labels,
+                                          tc.chunk_tokens)
+
+        return stack, finish
     from spsft_jax import tokentune
 
     if segments is not None:
@@ -204,18 +216,29 @@ def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, ke
     prefer = tokentune.loss_bearing(labels) if tc.tokentune_prefer == "loss" else None
     fraction = int(tc.tokentune) if tc.tokentune > 1 else float(tc.tokentune)
     indices, valid = tokentune.sample_tokens(key, mask, fraction, prefer=prefer)
+
+    def split(delta):
+        carry, body, _ = tokentune.split_stack(cfg, params, ids, indices, mask, delta,
+                                               chunk_tokens=tc.chunk_tokens)
+        return carry, body
+
     if tc.tokentune_loss == "selected":
-        return tokentune.selected_causal_lm_loss(cfg, params, ids, indices, labels, mask, delta,
-                                                 valid=valid, remat=tc.remat,
-                                                 chunk_tokens=tc.chunk_tokens)
-    logits = tokentune.forward(cfg, params, ids, indices, mask, delta, remat=tc.remat,
-                               chunk_tokens=tc.chunk_tokens)
-    return causal_lm_loss(logits, labels)
+        targets = tokentune.selected_targets(labels, indices, valid)
+        return split, lambda carry, delta: tokentune.selected_loss(cfg, params, carry[0], targets, delta,
+                                                                   tc.chunk_tokens)
+    rest = tokentune.unselected_indices(indices, ids.shape[1])
+    return split, lambda carry, delta: causal_lm_loss(
+        tokentune.split_logits(cfg, params, *carry, indices, rest, delta), labels)
 
 
-def head_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, h, labels) -> tuple[jax.Array, jax.Array]:
-    """(summed token loss, number of loss tokens) from the last layer's hidden states."""
-    return chunked_causal_lm_loss(lambda x: llama.head(cfg, params, x, delta), h, labels, tc.chunk_tokens)
+def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, key) -> tuple[jax.Array, jax.Array]:
+    """(summed token loss, number of loss tokens) for one micro-batch."""
+    stack, finish = loss_parts(cfg, tc, params, batch, key)
+    if key is not None:  # LoRA dropout draws from the step's key
+        delta = deltas.with_dropout_keys(delta, jax.random.fold_in(key, 1))
+    carry, body = stack(delta)
+    carry = llama.scan_layers(body, carry, params["layers"], subtree(delta, "layers"), tc.remat)
+    return finish(carry, delta)
 
 
 def make_train_step(cfg: llama.LlamaConfig, tc: TrainConfig, optimizer: optax.GradientTransformation):

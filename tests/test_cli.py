@@ -163,7 +163,7 @@ def test_finetune_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case):
 
 @pytest.mark.parametrize("extra,named", [([], "--remat full or --remat nested"),
                                          (["--remat", "dots"], "--remat full or --remat nested"),
-                                         (["--remat", "full", "--tokentune", "0.5"], "--tokentune")])
+                                         (["--remat", "full", "--grad-accum", "2"], "--grad-accum")])
 def test_per_layer_update_without_what_it_needs_exits_2(tmp_path, capsys, extra, named):
     out = tmp_path / "out"
     assert cli.main(["finetune", "--update", "per-layer", "--out", str(out), *extra]) == 2

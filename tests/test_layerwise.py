@@ -21,17 +21,18 @@ def model():
     return params, batch
 
 
-def _state(params, method, tc, tune_norms=True):
+def _state(params, method, tc, **prepare_options):
     selection = memory.spread_selection(CFG, "all-linear", 4) if method == "spsft" else None
-    trainable, frozen = train.prepare(params, selection, method=method, rank=4, tune_norms=tune_norms)
+    prepare_options = {"tune_norms": True, **prepare_options}
+    trainable, frozen = train.prepare(params, selection, method=method, rank=4, **prepare_options)
     # Away from zero, so that LoRA's B and every W_f get gradients in the first step.
     trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) + 0.01, trainable)
     return trainable, train.make_optimizer(tc).init(trainable), frozen
 
 
-def _run(params, batch, method, steps=3, **options):
+def _run(params, batch, method, steps=3, dropout=0.0, **options):
     tc = train.TrainConfig(steps=steps, warmup=0, weight_decay=0.1, **options)
-    trainable, opt_state, frozen = _state(params, method, tc)
+    trainable, opt_state, frozen = _state(params, method, tc, dropout=dropout)
     step = train.make_train_step(CFG, tc, train.make_optimizer(tc))
     metrics = []
     for i in range(steps):
@@ -45,15 +46,21 @@ def _close(a, b, tol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("method,remat", [("spsft", "full"), ("spsft", "nested"), ("lora", "nested"),
-                                          ("dense", "nested")])
-def test_without_clipping_the_per_layer_update_is_the_global_one(model, method, remat):
+@pytest.mark.parametrize("method,options", [
+    ("spsft", dict(remat="full")), ("spsft", dict(remat="nested")),
+    ("lora", dict(remat="nested", dropout=0.1)), ("dense", dict(remat="nested")),
+    ("spsft", dict(remat="nested", tokentune=0.5)),
+    ("spsft", dict(remat="full", tokentune=0.5, tokentune_loss="all")),
+], ids=["spsft-full", "spsft-nested", "lora-dropout-nested", "dense-nested", "tokentune-nested",
+        "tokentune-all-loss-full"])
+def test_without_clipping_the_per_layer_update_is_the_global_one(model, method, options):
     """Three AdamW steps with weight decay: trained tree, moments, step count, loss and
-    gradient norm agree with the global step's."""
+    gradient norm agree with the global step's (LoRA dropout and TokenTune draw the same
+    masks and tokens in both)."""
     params, batch = model
     # AdamW's first steps are about sign(g): eps=1e-3 keeps a gradient element near zero,
     # summed in another order, from flipping a whole step's move.
-    unclipped = dict(remat=remat, max_grad_norm=None, eps=1e-3)
+    unclipped = dict(options, max_grad_norm=None, eps=1e-3)
     whole = _run(params, batch, method, **unclipped)
     layered = _run(params, batch, method, **unclipped, update="per-layer")
     _close(whole[0], layered[0], 2e-6)
@@ -146,7 +153,6 @@ def test_finetune_stops_on_a_loss_that_is_not_finite(model):
     (dict(update="per-layer"), "set remat='full' or 'nested'"),
     (dict(update="per-layer", remat="dots"), "set remat='full' or 'nested'"),
     (dict(update="per-layer", remat="full", grad_accum=2), "grad_accum=1"),
-    (dict(update="per-layer", remat="full", tokentune=0.5), "tokentune=None"),
     (dict(update="layerwise"), "update='layerwise': choose one of"),
 ])
 def test_options_it_cannot_take_are_refused(options, match):
