@@ -51,9 +51,8 @@ def make_step(cfg: llama.LlamaConfig, tc, optimizer: optax.GradientTransformatio
         key = jax.random.split(key, 1)[0]  # the global step's key for its one micro-batch
         params, weights = frozen["params"], frozen["params"]["layers"]
         stack, finish = train.loss_parts(cfg, tc, params, micro, key)
-        # LoRA dropout keys (not trained) join the fixed half, as `batch_loss` adds them.
-        _, fixed = deltas.split(deltas.with_dropout_keys(
-            deltas.combine(trainable["delta"], frozen["delta"]), jax.random.fold_in(key, 1)))
+        # LoRA dropout keys (not trained) join the fixed half.
+        _, fixed = deltas.split(train.with_dropout(deltas.combine(trainable["delta"], frozen["delta"]), key))
         fixed_layers = fixed.get("layers")
         rest, layers = _parts(trainable)
 

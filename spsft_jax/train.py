@@ -62,7 +62,7 @@ class TrainConfig:
     update: "global" (the whole gradient, clipped by its global norm, then AdamW) or
         "per-layer": each layer updated inside the backward pass, so no gradient buffer
         is held, with `max_grad_norm` clipping each layer's gradient on its own
-        (`spsft_jax.layerwise`; needs remat "full" or "nested", and no grad_accum).
+        (`spsft_jax.layerwise`; needs remat "full" or "nested", and grad_accum=1).
     """
 
     steps: int = 20
@@ -231,11 +231,15 @@ def loss_parts(cfg: llama.LlamaConfig, tc: TrainConfig, params, batch, key) -> t
         tokentune.split_logits(cfg, params, *carry, indices, rest, delta), labels)
 
 
+def with_dropout(delta, key):
+    """The delta with LoRA dropout drawn from the micro-batch's `key` (None: no dropout)."""
+    return delta if key is None else deltas.with_dropout_keys(delta, jax.random.fold_in(key, 1))
+
+
 def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, key) -> tuple[jax.Array, jax.Array]:
     """(summed token loss, number of loss tokens) for one micro-batch."""
     stack, finish = loss_parts(cfg, tc, params, batch, key)
-    if key is not None:  # LoRA dropout draws from the step's key
-        delta = deltas.with_dropout_keys(delta, jax.random.fold_in(key, 1))
+    delta = with_dropout(delta, key)
     carry, body = stack(delta)
     carry = llama.scan_layers(body, carry, params["layers"], subtree(delta, "layers"), tc.remat)
     return finish(carry, delta)
