@@ -642,9 +642,11 @@ def _check_inputs(args) -> None:
 
 def _check_update(args) -> None:
     """`--update per-layer`'s requirements, before anything is loaded."""
+    from spsft_jax.layerwise import REMATS
+
     if args.update != "per-layer":
         return
-    if args.remat not in ("full", "nested"):
+    if args.remat not in REMATS:
         raise UsageError("--update per-layer recomputes each layer in its backward pass: "
                          "add --remat full or --remat nested")
     if args.grad_accum != 1:

@@ -35,15 +35,16 @@ import optax
 from spsft_jax import delta as deltas
 from spsft_jax import llama
 
+# The remat policies whose kept layer inputs this step recomputes its layers from.
+REMATS = ("full", "nested")
+
 
 def make_step(cfg: llama.LlamaConfig, tc, optimizer: optax.GradientTransformation):
     """The per-layer step for `tc` (a `train.TrainConfig` with update="per-layer"),
     not jitted."""
     from spsft_jax import train  # train imports this module
 
-    size = llama.layer_group_size(cfg.num_layers) if tc.remat == "nested" else cfg.num_layers
-    if size == cfg.num_layers:  # as `llama.scan_layers`: one group is "full", every input kept
-        size = 1
+    size = llama.nested_group_size(tc.remat, cfg.num_layers)  # 1: every layer's input kept
     groups = cfg.num_layers // size
 
     def step(trainable, opt_state, frozen, batch, key):
@@ -143,9 +144,7 @@ def _update(optimizer, tc, trainable, opt_state, grads: dict, layer):
     (`grads` {"layers": that layer's gradient}) or, with `layer` None, everything outside
     the layers (`grads` their gradient), where the step count advances. Returns (trainable,
     opt_state, the part's squared gradient norm before clipping, whether it was applied)."""
-    from spsft_jax.train import _layer_view  # train imports this module
-
-    views = [_layer_view(t, layer) for t in (trainable, opt_state)]
+    views = [layer_view(t, layer) for t in (trainable, opt_state)]
     grad_view = jax.tree.map(jnp.zeros_like, views[0])
     grad_view["delta"] = ({**grad_view["delta"], **grads} if layer is not None else
                           {**grads, **{k: v for k, v in grad_view["delta"].items() if k == "layers"}})
@@ -161,15 +160,31 @@ def _update(optimizer, tc, trainable, opt_state, grads: dict, layer):
 
 
 def _put(tree, view, layer):
-    """`tree` with a `_layer_view(tree, layer)` written back: layer `layer`'s slices, or
+    """`tree` with a `layer_view(tree, layer)` written back: layer `layer`'s slices, or
     with `layer` None every leaf outside the layers and the scalars (the step count)."""
-    from spsft_jax.train import _in_layers
-
     def put(path, x, v):
         if layer is None:
-            return x if _in_layers(path) and jnp.ndim(x) else v
-        if jnp.ndim(x) == 0 or not _in_layers(path):
+            return x if in_layers(path) and jnp.ndim(x) else v
+        if jnp.ndim(x) == 0 or not in_layers(path):
             return x
         return jax.lax.dynamic_update_index_in_dim(x, v, layer, 0)
 
     return jax.tree_util.tree_map_with_path(put, tree, view)
+
+
+def in_layers(path) -> bool:
+    """Whether a pytree key path runs through the stacked "layers"."""
+    return any(isinstance(k, jax.tree_util.DictKey) and k.key == "layers" for k in path)
+
+
+def layer_view(tree, layer):
+    """`tree` with each leaf under "layers" cut to layer `layer` (all of them emptied
+    when `layer` is None) and every other array leaf whole (emptied otherwise); scalars
+    such as the optimizer's step count stay as they are."""
+    def cut(path, x):
+        if jnp.ndim(x) == 0:
+            return x
+        if in_layers(path):
+            return x[:0] if layer is None else jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
+        return x if layer is None else x[:0]
+    return jax.tree_util.tree_map_with_path(cut, tree)

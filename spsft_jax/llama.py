@@ -455,6 +455,13 @@ def layer_group_size(num_layers: int) -> int:
     return min(fewer, key=keeps.get) if fewer else num_layers
 
 
+def nested_group_size(remat, num_layers: int) -> int:
+    """Layers per group whose input alone is kept: `layer_group_size` with
+    remat="nested" where grouping keeps fewer inputs than "full", else 1 (no groups)."""
+    size = layer_group_size(num_layers) if remat == "nested" else num_layers
+    return 1 if size == num_layers else size
+
+
 def scan_layers(body: Callable, carry, weights, per_layer, remat: str | Callable | bool | None = None):
     """The final `carry` of `body(carry, (layer_weights, layer_item)) -> (carry, None)`
     run over the layers in turn: `weights` are the stacked layer parameters and
@@ -468,8 +475,8 @@ def scan_layers(body: Callable, carry, weights, per_layer, remat: str | Callable
     no fewer inputs (4 layers or fewer, a prime number of layers) it is "full".
     """
     num_layers = jax.tree.leaves(weights)[0].shape[0]
-    size = layer_group_size(num_layers) if remat == "nested" else num_layers
-    if size == num_layers:
+    size = nested_group_size(remat, num_layers)
+    if size == 1:
         return jax.lax.scan(remat_layer(body, remat), carry, (weights, per_layer))[0]
 
     # Layers are cut from the whole stacks at each use. Scanning the stacks reshaped

@@ -265,7 +265,7 @@ def measure(setting: Setting, *, remats=(None, "full"), fractions=(), execute: b
             # The forward pass has nothing to recompute.
             training = v.method not in ("inference", "taylor", "taylor-elementwise")
             lowered, n = lowered_variant(setting, v, None if v.method == "inference" else remat,
-                                         update=update if training else "global")
+                                         update=update)
             compiled = lowered.compile()
             mem, temp = read(compiled)
             if v.method == "inference":

@@ -33,8 +33,9 @@ import numpy as np
 import optax
 
 from spsft_jax import delta as deltas
-from spsft_jax import llama
+from spsft_jax import layerwise, llama
 from spsft_jax.data import normalize_batch
+from spsft_jax.layerwise import in_layers, layer_view
 from spsft_jax.losses import causal_lm_loss, chunked_causal_lm_loss
 from spsft_jax.trees import get as subtree
 
@@ -101,7 +102,7 @@ class TrainConfig:
         if self.update not in UPDATES:
             raise ValueError(f"update={self.update!r}: choose one of {UPDATES}")
         if self.update == "per-layer":
-            if self.remat not in ("full", "nested"):
+            if self.remat not in layerwise.REMATS:
                 raise ValueError(f"update='per-layer' recomputes each layer in its backward pass: "
                                  f"set remat='full' or 'nested' (not {self.remat!r})")
             if self.grad_accum != 1:
@@ -254,8 +255,6 @@ def make_train_step(cfg: llama.LlamaConfig, tc: TrainConfig, optimizer: optax.Gr
     `tc.update == "per-layer"`, `spsft_jax.layerwise`'s step instead.
     """
     if tc.update == "per-layer":
-        from spsft_jax import layerwise
-
         return jax.jit(layerwise.make_step(cfg, tc, optimizer), donate_argnums=(0, 1))
 
     def micro_grads(trainable, frozen, micro, key):
@@ -340,23 +339,6 @@ def _apply_update(optimizer, grads, opt_state, trainable):
     return optax.apply_updates(trainable, updates), opt_state
 
 
-def _in_layers(path) -> bool:
-    return any(isinstance(k, jax.tree_util.DictKey) and k.key == "layers" for k in path)
-
-
-def _layer_view(tree, layer):
-    """`tree` with each leaf under "layers" cut to layer `layer` (all of them emptied
-    when `layer` is None) and every other array leaf whole (emptied otherwise); scalars
-    such as the optimizer's step count stay as they are."""
-    def cut(path, x):
-        if jnp.ndim(x) == 0:
-            return x
-        if _in_layers(path):
-            return x[:0] if layer is None else jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
-        return x if layer is None else x[:0]
-    return jax.tree_util.tree_map_with_path(cut, tree)
-
-
 def layerwise_update_sq_norm(optimizer, grads, opt_state, trainable, num_layers: int) -> jax.Array:
     """The squared norm of `optimizer`'s update, computed one layer at a time.
 
@@ -364,12 +346,12 @@ def layerwise_update_sq_norm(optimizer, grads, opt_state, trainable, num_layers:
     the update is the update of that layer's slices, and no update the size of the whole
     trainable tree is ever held beside the state it would replace."""
     def sq_norm(layer):
-        views = [_layer_view(t, layer) for t in (grads, opt_state, trainable)]
+        views = [layer_view(t, layer) for t in (grads, opt_state, trainable)]
         updates, _ = optimizer.update(*views)
         return sum((jnp.sum(jnp.square(u.astype(jnp.float32))) for u in jax.tree.leaves(updates)),
                    jnp.zeros((), jnp.float32))
 
-    if not any(_in_layers(path) for path, _ in jax.tree_util.tree_leaves_with_path(trainable)):
+    if not any(in_layers(path) for path, _ in jax.tree_util.tree_leaves_with_path(trainable)):
         return sq_norm(None)
     return jax.lax.fori_loop(0, num_layers, lambda i, total: total + sq_norm(i), sq_norm(None))
 

@@ -495,7 +495,7 @@ def test_step_is_adamw_after_clipping_the_whole_gradient(params):
 def test_layerwise_update_norm_is_the_whole_update_norm(params):
     trainable, _ = train.prepare(params, SELECTION, tune_norms=True)
     paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(trainable)]
-    assert any(train._in_layers(p) for p in paths) and not all(train._in_layers(p) for p in paths)
+    assert any(train.in_layers(p) for p in paths) and not all(train.in_layers(p) for p in paths)
     trainable = _random_like(trainable, jax.random.key(1))
     grads = _random_like(trainable, jax.random.key(2))
     optimizer = train.make_optimizer(train.TrainConfig(steps=3, warmup=0, weight_decay=0.1))
