@@ -2,7 +2,7 @@
 
     python benchmarks/vs_peft.py                   # synthetic Llama, and SmolLM2-135M if installed
     python benchmarks/vs_peft.py --quick           # fewer steps, synthetic only
-    python benchmarks/vs_peft.py --remat --json    # add remat "dots"/"full"/"nested" rows and
+    python benchmarks/vs_peft.py --remat --json    # add remat "minimal"/"dots"/"full"/"nested" rows and
                                                    # the per-layer update; JSON only
     python benchmarks/vs_peft.py --cases synthetic
     python benchmarks/vs_peft.py --cases llama-1b --dtype bfloat16 --cold-only   # on a GPU
@@ -78,10 +78,12 @@ CASES = {
 RUNS = [("peft", "lora", None, None, None), ("spsft-jax", "lora", None, None, "global"),
         ("spsft-jax", "spsft", None, None, "global"), ("spsft-jax", "spsft", 0.25, None, "global"),
         ("spsft-jax", "dense", None, None, "global")]
-# "dots" keeps every matmul's output and recomputes only elementwise ops; "full" recomputes
+# "minimal" keeps q, k and v as well as what the default keeps (no matmul recomputed);
+# "dots" keeps every matmul's output and recomputes the rest; "full" recomputes
 # layers; "nested" keeps only the inputs of groups of layers (one more forward pass). The
 # per-layer update holds no gradient buffer (no clipping here, so the same steps).
-REMAT_RUNS = [("spsft-jax", "spsft", None, "dots", "global"),
+REMAT_RUNS = [("spsft-jax", "spsft", None, "minimal", "global"),
+              ("spsft-jax", "spsft", None, "dots", "global"),
               ("spsft-jax", "spsft", None, "full", "global"),
               ("spsft-jax", "spsft", None, "nested", "global"),
               ("spsft-jax", "spsft", None, "nested", "per-layer"),
@@ -317,7 +319,7 @@ def table(rows: list[dict]) -> str:
     accelerator the device's peak memory (PyTorch's `max_memory_allocated`, JAX's
     `peak_bytes_in_use`) is the memory column that counts."""
     device = any(r.get("peak_device_mib") is not None for r in rows)
-    head = (f"{'case':10} {'dtype':8} {'impl':10} {'method':7} {'rank':>4} {'tt':>5} {'remat':>6} "
+    head = (f"{'case':10} {'dtype':8} {'impl':10} {'method':7} {'rank':>4} {'tt':>5} {'remat':>7} "
             f"{'update':>9} "
             f"{'trainable':>11} {'step s':>7} {'tok/s':>7} {'RSS MiB':>8} {'warm':>6} {'time/PEFT':>9} "
             f"{'RSS/PEFT':>8} {'warm/PEFT':>9}" + (f" {'dev MiB':>8} {'dev/PEFT':>8}" if device else ""))
@@ -333,7 +335,7 @@ def table(rows: list[dict]) -> str:
 
         warm = f"{r['peak_rss_warm_mib']:6.0f}" if "peak_rss_warm_mib" in r else f"{'-':>6}"
         line = (f"{r['case']:10} {r.get('dtype', 'float32'):8} {r['implementation']:10} {r['method']:7} "
-                f"{r['rank'] or '-':>4} {r['tokentune'] or '-':>5} {r['remat'] or '-':>6} "
+                f"{r['rank'] or '-':>4} {r['tokentune'] or '-':>5} {r['remat'] or '-':>7} "
                 f"{r.get('update') or '-':>9} "
                 f"{r['trainable_params']:>11,} {r['step_s']:7.3f} {r['tokens_per_s']:7.0f} "
                 f"{r['peak_rss_mib']:8.0f} {warm} {ratio('step_s'):>9} {ratio('peak_rss_mib'):>8} "
@@ -348,7 +350,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 steps, synthetic case only")
-    parser.add_argument("--remat", action="store_true", help="add our remat='dots', 'full' and 'nested' rows, and "
+    parser.add_argument("--remat", action="store_true", help="add our remat='minimal', 'dots', 'full' and 'nested' rows, and "
                         "'nested' with the per-layer update")
     parser.add_argument("--json", action="store_true", help="JSON lines only")
     parser.add_argument("--cases", default=None,

@@ -334,9 +334,11 @@ def _plan_on_mesh(args, cfg) -> int:
 
 GiB = 2**30
 # `llama.REMAT_POLICIES`, spelled out so that parsing arguments does not import JAX.
-REMAT_CHOICES = ["full", "dots", "nested"]
-REMAT_HELP = ("recompute in the backward pass instead of keeping: full (each layer), dots (all but "
-              "matmul outputs), nested (layers in groups: least memory, one more forward pass)")
+REMAT_CHOICES = ["minimal", "full", "dots", "nested"]
+REMAT_HELP = ("recompute in the backward pass instead of keeping: by default norms, rotary, SwiGLU "
+              "and the q, k, v projections; minimal (no matmul: fastest, most memory), full (each "
+              "layer), dots (all but matmul outputs), nested (layers in groups: least memory, one "
+              "more forward pass)")
 # `train.UPDATES`, spelled out for the same reason.
 UPDATE_CHOICES = ["global", "per-layer"]
 UPDATE_HELP = ("global (default): the whole gradient, clipped by its global norm, then AdamW; "

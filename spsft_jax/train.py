@@ -51,8 +51,9 @@ class TrainConfig:
     warmup: steps of linear warmup, or a fraction of `steps` when below 1.
     schedule: decay after warmup, "linear" or "cosine" to zero (as in the paper), or "constant".
     grad_accum: micro-batches per optimizer step (their gradients are token-weighted).
-    remat: None (each layer keeps `llama.SAVED_ACTIVATIONS`, no matmul is recomputed) or
-        a policy name of `llama.REMAT_POLICIES` for the scanned layer body.
+    remat: None (each layer keeps `llama.SAVED_ACTIVATIONS`; of its matmuls only q, k and v
+        are recomputed) or a policy name of `llama.REMAT_POLICIES` for the scanned layer
+        body ("minimal" recomputes no matmul).
     chunk_tokens: attention queries and loss positions per block (`llama.token_blocks`),
         recomputed in the backward pass; None: one block.
     tokentune: fraction (0, 1] or count of tokens to backpropagate through; None for all.

@@ -49,7 +49,8 @@ def test_padded_batch_matches_transformers(tmp_path, side):
 def test_remat_policies_give_the_same_gradients(tmp_path, capsys):
     """Remat changes what the backward pass recomputes, never the gradient; and it does
     change what is kept (fewer saved residuals), so the policy really applies. With no
-    remat a layer keeps only `SAVED_ACTIVATIONS`, fewer than autodiff would keep."""
+    remat a layer keeps only its input and `SAVED_ACTIVATIONS`, fewer than autodiff would
+    keep; "minimal" keeps q, k and v as well."""
     import jax
     from jax.ad_checkpoint import print_saved_residuals
 
@@ -70,16 +71,19 @@ def test_remat_policies_give_the_same_gradients(tmp_path, capsys):
 
     everything = jax.checkpoint_policies.everything_saveable  # what plain autodiff keeps
     plain = jax.grad(loss)(params, everything)
-    for policy in (None, "full", "dots"):
+    for policy in (None, "minimal", "full", "dots"):
         got = jax.grad(loss)(params, policy)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(plain)):
             # Recomputation regroups float sums: float32 rounding relative to the gradient's scale.
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
     assert saved("full") < saved("dots") < saved(everything)
-    assert saved("full") < saved(None) < saved(everything)
+    assert saved("full") < saved(None) < saved("minimal") < saved(everything)
     # Per layer, stacked by the scan: the layer's input and the named activations, no more.
-    stacked = [r for r in residuals(None) if f"[{cfg.num_layers},{ids.shape[0]},{ids.shape[1]}," in r]
-    assert len(stacked) == 1 + len(sj.llama.SAVED_ACTIVATIONS), stacked
+    def stacked(remat):
+        return [r for r in residuals(remat) if f"[{cfg.num_layers},{ids.shape[0]},{ids.shape[1]}," in r]
+
+    assert len(stacked(None)) == 1 + len(sj.llama.SAVED_ACTIVATIONS), stacked(None)
+    assert len(stacked("minimal")) == 1 + len(sj.llama.SAVED_ACTIVATIONS) + 3, stacked("minimal")  # q, k, v
 
 
 def test_layer_groups_of_nested_remat():
