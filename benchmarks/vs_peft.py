@@ -11,7 +11,10 @@
 Every case runs in a fresh subprocess, so its peak RSS (the kernel's `VmHWM`, read at
 the end of the child) is its own. Our rows run twice on one fresh compilation cache
 (`train.use_compilation_cache`, as the `spsft-jax` command keeps one): cold, compiling
-the step, then warm, loading it as any later run of the same shapes does. Both sides
+the step, then warm, loading it as any later run of the same shapes does. Cold, the
+step is compiled from shapes (`memory.step_memory` on `llama.param_shapes`) before the
+weights are loaded, and the run loads it from the cache: the compiler's scratch is
+spent before the weights take their memory, not on top of them. Both sides
 load the same weights from one HF folder (written once under `--out`; float32, or
 `--dtype bfloat16`), train on the same token batch with AdamW (same lr, no weight
 decay, no clipping, constant rate), and report the median step time over the steps
@@ -176,17 +179,24 @@ def run_jax(case: Case, folder: Path, method: str, rank: int, tokentune, remat, 
     import jax.numpy as jnp
 
     import spsft_jax as sj
-    from spsft_jax import train
+    from spsft_jax import llama, memory, train
 
+    options = dict(steps=steps, learning_rate=LEARNING_RATE, warmup=0, schedule="constant",
+                   weight_decay=0.0, max_grad_norm=None, remat=remat, tokentune=tokentune, update=update)
     if cache:
         train.use_compilation_cache(cache)
+        # The step compiled from shapes, before the weights are loaded, into the cache that
+        # the run below loads it from: the compiler's scratch never sits on top of them.
+        cfg = sj.interop.read_config(folder)
+        rows = memory.spread_selection(cfg, "all-linear", rank) if method == "spsft" else None
+        memory.step_memory(cfg, llama.param_shapes(cfg, getattr(jnp, dtype)), rows, method=method,
+                           rank=rank, alpha=rank, batch_shape=(case.batch_size, case.seq_len), **options)
+        memory.release_host_memory()
     cfg, params = sj.interop.load_hf(folder, dtype=getattr(jnp, dtype))
     selection = None
     if method == "spsft":
         selection = sj.selection.select(sj.importance.magnitude(cfg, params), rank=rank)
-    tc = train.TrainConfig(steps=steps, learning_rate=LEARNING_RATE, warmup=0, schedule="constant",
-                           weight_decay=0.0, max_grad_norm=None, remat=remat, tokentune=tokentune,
-                           update=update)
+    tc = train.TrainConfig(**options)
     trainable, frozen = train.prepare(params, selection, method=method, rank=rank, alpha=rank)
     trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable)
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
@@ -288,13 +298,16 @@ def in_subprocess(spec: dict) -> dict:
 
 
 def measured(spec: dict, warm: bool = True) -> dict:
-    """One row: PEFT's child, or ours twice on one fresh compilation cache, first cold
-    (compiling its step) and then warm (loading it, as any later run of the same shapes
-    does): the row's figures are the cold run's, plus the warm run's peak RSS and step time."""
-    if spec["implementation"] == "peft" or not warm:
+    """One row: PEFT's child, or ours on a fresh compilation cache, first cold (compiling
+    its step) and then, unless `warm` is False, warm (loading it, as any later run of the
+    same shapes does): the row's figures are the cold run's, plus the warm run's peak RSS
+    and step time."""
+    if spec["implementation"] == "peft":
         return in_subprocess(spec)
     with tempfile.TemporaryDirectory(prefix="spsft-jax-cache-") as cache:
         cold = in_subprocess({**spec, "cache": cache})
+        if not warm:
+            return cold
         warm = in_subprocess({**spec, "cache": cache})
     return {**cold, "peak_rss_warm_mib": warm["peak_rss_mib"], "step_s_warm": warm["step_s"]}
 

@@ -1,5 +1,7 @@
 """Compiled step memory of every method (spsft_jax.memory): fields, counts and orderings."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -102,3 +104,39 @@ def test_lowered_step_is_the_one_the_run_compiles():
                                                           batch, jax.random.key(1))
     assert from_shapes() == run.as_text()
     assert from_shapes(learning_rate=1e-3) != run.as_text()
+
+
+_AHEAD = """
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from spsft_jax import importance, llama, memory, selection, train
+
+cache = Path(sys.argv[1])
+train.use_compilation_cache(cache, min_compile_seconds=0)
+cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                        num_heads=4, num_kv_heads=2, head_dim=8)
+run = dict(steps=2, learning_rate=1e-3, rank=2, remat="full")
+memory.step_memory(cfg, llama.param_shapes(cfg), memory.spread_selection(cfg, "all-linear", 2),
+                   batch_shape=(2, 16), **run)
+ahead = {p.name for p in cache.glob("jit_step-*-cache")}
+params = llama.init_params(cfg, jax.random.key(1))
+rows = selection.select(importance.magnitude(cfg, params), rank=2)
+ids = np.random.default_rng(0).integers(0, 64, (2, 16), dtype=np.int32)
+batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
+train.finetune(params, rows, [batch], config=cfg, **run)
+print(len(ahead), len({p.name for p in cache.glob("jit_step-*-cache")} - ahead))
+"""
+
+
+def test_a_step_compiled_from_shapes_is_the_one_the_run_loads(tmp_path):
+    """Compiled before any weight exists (other rows, same counts), the step lands in the
+    cache, and `finetune` on the loaded weights loads it instead of compiling another."""
+    proc = subprocess.run([sys.executable, "-c", _AHEAD, str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ahead, compiled_by_the_run = map(int, proc.stdout.split()[-2:])
+    assert ahead == 1 and compiled_by_the_run == 0
