@@ -31,10 +31,13 @@ s_i = 1 and `jax.grad` is taken with respect to the scales, since
 dL/ds_i = w_i . dL/dw_i; its memory stays below an SPSFT step's. The element-wise
 form needs the gradient of every targeted weight over the whole data set before
 taking absolute values. It never holds the whole model's gradient: the layers
-are visited `layers_per_pass` at a time, each pass reading the data once and
-forming only that group's weight gradient (the other layers carry the gradient
-through as constants), so the memory is about an SPSFT step's plus one group's
-weight gradient, for about one training step's compute per pass and batch.
+are visited `layers_per_pass` at a time, from the last group down, each pass
+reading the data once and forming only that group's weight gradient. A pass runs
+the layers below its group forward only, and starts the group's backward from the
+gradient by the group's output that the pass above returned (one `[B, T, hidden]`
+array kept per batch), so every layer's backward runs once in all: the passes cost
+one backward over the model plus a forward per pass up to its group, and the memory
+is a group's activations and weight gradient.
 """
 from __future__ import annotations
 
@@ -262,19 +265,25 @@ def _elementwise_taylor(params, batches, *, classwise, num_classes, layers_per_p
             num_classes = max((int(c.max()) + 1 for c in classes if c.size), default=1)
         onehots = [np.eye(num_classes, dtype=np.float32)[c] for c in classes]
     scores = _zero_scores(params, modules, num_classes)
+    hidden_dtype = params["embed_tokens"]["weight"].dtype
+    # Per batch, the loss's gradient by the hidden states where the last pass began
+    # (unused by the first pass, which starts from the loss).
+    above = [place(np.zeros(x["input_ids"].shape + (cfg.hidden_size,), hidden_dtype)) for x in inputs]
     counts = None
     group = min(layers_per_pass, cfg.num_layers)
-    for first in range(0, cfg.num_layers, group):
-        start = min(first, cfg.num_layers - group)  # the last group may overlap the one before
+    for end in range(cfg.num_layers, 0, -group):  # from the last layers down
+        start = max(end - group, 0)
         grads = {p: jnp.zeros((group, num_classes) + _weight(params, p).shape[1:], jnp.float32)
                  for p in modules}
         pass_counts = jnp.zeros((num_classes,), jnp.int32)
-        for x, onehot in zip(inputs, onehots):
-            grads, pass_counts = _elementwise_step(params, grads, pass_counts, x, jnp.asarray(onehot),
-                                                   jnp.int32(start), group=group, **options)
-        counts = pass_counts
+        for index, (x, onehot) in enumerate(zip(inputs, onehots)):
+            grads, pass_counts, above[index] = _elementwise_step(
+                params, grads, pass_counts, x, jnp.asarray(onehot), jnp.int32(start), jnp.int32(end),
+                above[index], group=group, **options)
+        if counts is None:  # the first pass reads the loss, and so counts its tokens
+            counts = pass_counts
         found = _elementwise_scores(params, grads, counts, jnp.int32(start))
-        scores = nest({p: get(scores, *p).at[:, start:start + group].set(found[p])
+        scores = nest({p: get(scores, *p).at[:, start:end].set(found[p][:, :end - start])
                        for p in modules})
     return scores, counts
 
@@ -442,43 +451,66 @@ def _classwise_step(params, total, tokens, inputs, classes, *, cfg, modules, rem
     return total, tokens + jnp.einsum("bc,b->c", one_hot, counts).astype(jnp.int32)
 
 
-@jax.jit(static_argnames=_STATIC + ("group",), donate_argnames=("grads", "counts"))
-def _elementwise_step(params, grads, counts, inputs, classes, start, *, cfg, modules, remat,
-                      loss_fn, average, group):
+@jax.jit(static_argnames=_STATIC + ("group",), donate_argnames=("grads", "counts", "above"))
+def _elementwise_step(params, grads, counts, inputs, classes, start, end, above, *, cfg, modules,
+                      remat, loss_fn, average, group):
     """Add one batch's summed-loss gradient of the targeted weights of layers
-    [start, start + group) to `grads` (`[group, C, d_out, d_in]` per module).
+    [start, end) (at most `group` of them) to `grads` (`[group, C, d_out, d_in]` per
+    module), and return the loss's gradient by the hidden states entering layer
+    `start`, for the pass over the layers below.
 
-    One scan over all the stacked layers, as training runs them (slicing the stack
-    would copy the weights): the group's layers read their probe slice, the others
-    get all-zero classes and compute no weight gradient. `start` is traced, so the
-    step compiles once for every group.
+    The layers below `start` run forward only, keeping nothing. Above `end`, the
+    gradient by the hidden states leaving layer `end - 1` is `above` (the pass over
+    the layers above returned it), or, when `end` is the last layer, the loss's own.
+    So each layer's backward runs once over the whole scoring, not once per pass.
+    Layers are cut from the stacks at each use (slicing a group out would copy its
+    weights); `start` and `end` are traced, so one program serves every pass.
     """
     ids, labels = inputs["input_ids"], inputs["labels"]
     positions = llama.default_positions(ids)
     mask = inputs["attention_mask"]
     valid = jnp.ones(ids.shape, bool) if mask is None else mask.astype(bool)
-    h = llama.embed(params, ids)
-    cos, sin = llama.rope_tables(cfg, positions, h.dtype)
+    cos, sin = llama.rope_tables(cfg, positions, params["embed_tokens"]["weight"].dtype)
     allowed = llama.attention_mask_2d(positions, positions, valid)
 
-    def summed_loss(probes):
-        def body(h, layer_and_index):
-            layer, i = layer_and_index
-            inside = (i >= start) & (i < start + group)
-            slot = jnp.clip(i - start, 0, group - 1)
-            mix = classes * inside.astype(classes.dtype)
-            probe_delta = nest({p[1:]: _WeightProbe(
-                jax.lax.dynamic_index_in_dim(probes[p], slot, keepdims=False), mix) for p in modules})
-            return llama.decoder_layer(cfg, layer, probe_delta, h, cos, sin, allowed), None
+    def layer_at(i):
+        return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, keepdims=False),
+                            params["layers"])
 
-        x = llama.scan_layers(body, h, params["layers"], jnp.arange(cfg.num_layers), remat)
-        sums, per_example = _example_losses(cfg, params, x, labels, loss_fn)
-        return _mean_loss_numerator(sums, per_example, average)
+    def below(i, h):
+        return llama.decoder_layer(cfg, layer_at(i), None, h, cos, sin, allowed)
+
+    entering = jax.lax.fori_loop(0, start, below, llama.embed(params, ids))
+
+    def through_group(probes, h):
+        def body(h, slot):
+            i = start + slot
+            probe_delta = nest({p[1:]: _WeightProbe(probes[p][slot], classes) for p in modules})
+            # A pass over fewer than `group` layers (the lowest) leaves the rest out.
+            return jax.lax.cond(i < end, lambda h: llama.decoder_layer(
+                cfg, layer_at(i), probe_delta, h, cos, sin, allowed), lambda h: h, h), None
+
+        return jax.lax.scan(llama.remat_layer(body, remat), h, jnp.arange(group))[0]
 
     zeros = {p: jnp.zeros_like(g) for p, g in grads.items()}
-    batch_grads, per_example = jax.grad(summed_loss, has_aux=True)(zeros)
+    leaving, pullback = jax.vjp(through_group, zeros, entering)
+
+    def from_loss():
+        def summed_loss(h):
+            sums, per_example = _example_losses(cfg, params, h, labels, loss_fn)
+            return _mean_loss_numerator(sums, per_example, average)
+
+        gradient, per_example = jax.grad(summed_loss, has_aux=True)(leaving)
+        return gradient.astype(above.dtype), per_example
+
+    def from_above():
+        return above, jnp.zeros(ids.shape[:1], jnp.int32)
+
+    gradient, per_example = jax.lax.cond(end == cfg.num_layers, from_loss, from_above)
+    batch_grads, entering_gradient = pullback(gradient)
     grads = {p: grads[p] + batch_grads[p] for p in modules}
-    return grads, counts + jnp.einsum("bc,b->c", classes, per_example).astype(jnp.int32)
+    counts = counts + jnp.einsum("bc,b->c", classes, per_example).astype(jnp.int32)
+    return grads, counts, entering_gradient
 
 
 @jax.jit
@@ -577,8 +609,8 @@ def scores(cfg: llama.LlamaConfig, params: llama.Params, batches: Iterable[Mappi
 def lowered_step(cfg: llama.LlamaConfig, params, batch, *, targets="all-linear", form: str = "row",
                  remat: str | None = None):
     """One scoring step lowered for `batch` (arrays or `jax.ShapeDtypeStruct`s), without
-    running it: the row form's step, or one pass of the element-wise form over one layer
-    (every pass alike). `spsft_jax.memory` reads its compiled memory."""
+    running it: the row form's step, or the element-wise form's over one layer (one
+    program for every pass). `spsft_jax.memory` reads its compiled memory."""
     if form not in FORMS:
         raise ValueError(f"form={form!r}: choose one of {', '.join(map(repr, FORMS))}")
     modules = _paths(targets)
@@ -590,5 +622,8 @@ def lowered_step(cfg: llama.LlamaConfig, params, batch, *, targets="all-linear",
     grads = {p: jax.ShapeDtypeStruct((1, 1) + _weight(params, p).shape[1:], jnp.float32)
              for p in modules}
     classes = jax.ShapeDtypeStruct((batch["input_ids"].shape[0], 1), jnp.float32)
-    return _elementwise_step.lower(params, grads, counts, batch, classes,
-                                   jax.ShapeDtypeStruct((), jnp.int32), group=1, **options)
+    layer = jax.ShapeDtypeStruct((), jnp.int32)
+    above = jax.ShapeDtypeStruct(batch["input_ids"].shape + (cfg.hidden_size,),
+                                 params["embed_tokens"]["weight"].dtype)
+    return _elementwise_step.lower(params, grads, counts, batch, classes, layer, layer, above,
+                                   group=1, **options)

@@ -270,7 +270,10 @@ def measure(setting: Setting, *, remats=(None, "full"), fractions=(), execute: b
             mem, temp = read(compiled)
             if v.method == "inference":
                 inference = mem
-            step_s = time_step(lowered, compiled) if execute and v.method != "inference" else None
+            # The element-wise Taylor passes differ in cost (each runs the layers below its
+            # group forward only), so one program run is not a step of anything.
+            timed = execute and v.method not in ("inference", "taylor-elementwise")
+            step_s = time_step(lowered, compiled) if timed else None
             rows.append({
                 "setting": setting.name, "method": v.label, "rank": v.rank,
                 "tokentune": v.tokentune, "remat": remat,

@@ -83,6 +83,20 @@ def test_elementwise_taylor_is_sum_of_abs_w_g(params, token_grads):
                                    atol=1e-7 * ref.max())
 
 
+def test_elementwise_passes_share_one_program_and_remat_agrees(params):
+    # Three passes of one layer, and two of up to two layers (the lowest holding one).
+    single = importance.taylor(CFG, params, BATCHES[:1], layers_per_pass=1)
+    compiled = importance._elementwise_step._cache_size()
+    again = importance.taylor(CFG, params, BATCHES[:1] * 2, layers_per_pass=1)
+    assert importance._elementwise_step._cache_size() == compiled
+    rematted = importance.taylor(CFG, params, BATCHES[:1], layers_per_pass=2, remat="full")
+    for path in PATHS:
+        got = np.asarray(llama.subtree(single, *path))
+        np.testing.assert_allclose(np.asarray(llama.subtree(again, *path)), got, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(llama.subtree(rematted, *path)), got, rtol=1e-5,
+                                   atol=1e-7 * got.max())
+
+
 def test_row_taylor_is_abs_of_sum_and_ranks_differently(params, token_grads):
     row = importance.taylor(CFG, params, BATCHES, form="row")
     elementwise = importance.taylor(CFG, params, BATCHES)
