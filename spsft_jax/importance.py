@@ -470,17 +470,16 @@ def _elementwise_step(params, grads, counts, inputs, classes, start, end, above,
     positions = llama.default_positions(ids)
     mask = inputs["attention_mask"]
     valid = jnp.ones(ids.shape, bool) if mask is None else mask.astype(bool)
-    cos, sin = llama.rope_tables(cfg, positions, params["embed_tokens"]["weight"].dtype)
+    h = llama.embed(params, ids)
+    cos, sin = llama.rope_tables(cfg, positions, h.dtype)
     allowed = llama.attention_mask_2d(positions, positions, valid)
 
-    def layer_at(i):
-        return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, keepdims=False),
-                            params["layers"])
+    layers = params["layers"]
 
     def below(i, h):
-        return llama.decoder_layer(cfg, layer_at(i), None, h, cos, sin, allowed)
+        return llama.decoder_layer(cfg, llama.layer_at(layers, i), None, h, cos, sin, allowed)
 
-    entering = jax.lax.fori_loop(0, start, below, llama.embed(params, ids))
+    entering = jax.lax.fori_loop(0, start, below, h)
 
     def through_group(probes, h):
         def body(h, slot):
@@ -488,7 +487,7 @@ def _elementwise_step(params, grads, counts, inputs, classes, start, end, above,
             probe_delta = nest({p[1:]: _WeightProbe(probes[p][slot], classes) for p in modules})
             # A pass over fewer than `group` layers (the lowest) leaves the rest out.
             return jax.lax.cond(i < end, lambda h: llama.decoder_layer(
-                cfg, layer_at(i), probe_delta, h, cos, sin, allowed), lambda h: h, h), None
+                cfg, llama.layer_at(layers, i), probe_delta, h, cos, sin, allowed), lambda h: h, h), None
 
         return jax.lax.scan(llama.remat_layer(body, remat), h, jnp.arange(group))[0]
 

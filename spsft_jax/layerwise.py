@@ -63,11 +63,11 @@ def make_step(cfg: llama.LlamaConfig, tc, optimizer: optax.GradientTransformatio
         _, body = stack(delta_of(rest))
 
         def layer(carry, index, layer_trainable):
-            layer_delta = deltas.combine(layer_trainable, _at(fixed_layers, index))
-            return body(carry, (_at(weights, index), layer_delta))[0]
+            layer_delta = deltas.combine(layer_trainable, llama.layer_at(fixed_layers, index))
+            return body(carry, (llama.layer_at(weights, index), layer_delta))[0]
 
         def run(carry, index, layers):
-            return layer(carry, index, _at(layers, index))
+            return layer(carry, index, llama.layer_at(layers, index))
 
         # Forward: keep each group's input.
         def group_forward(carry, first):
@@ -89,15 +89,15 @@ def make_step(cfg: llama.LlamaConfig, tc, optimizer: optax.GradientTransformatio
                 d, trainable, opt_state, sq, ok = carry
                 live = _parts(trainable)[1]
                 # The group's layer inputs, recomputed from its kept input.
-                last, below = jax.lax.scan(lambda c, i: (run(c, i, live), c), _at(kept, group),
+                last, below = jax.lax.scan(lambda c, i: (run(c, i, live), c), llama.layer_at(kept, group),
                                            first + jnp.arange(size - 1))
                 inputs = jax.tree.map(lambda b, x: jnp.concatenate([b, x[None]]), below, last)
 
                 def layer_backward(j, carry):
                     d, trainable, opt_state, sq, ok = carry
                     index = first + size - 1 - j
-                    _, vjp = jax.vjp(lambda x, t: layer(x, index, t), _at(inputs, size - 1 - j),
-                                     _at(_parts(trainable)[1], index))
+                    _, vjp = jax.vjp(lambda x, t: layer(x, index, t), llama.layer_at(inputs, size - 1 - j),
+                                     llama.layer_at(_parts(trainable)[1], index))
                     d, grads = vjp(d)
                     if layers is None:  # nothing trained inside the layers
                         return d, trainable, opt_state, sq, ok
@@ -132,11 +132,6 @@ def _parts(trainable: dict) -> tuple[dict, dict | None]:
     """(the trainable delta outside the layers, the stacked one inside them)."""
     tree = trainable["delta"]
     return {k: v for k, v in tree.items() if k != "layers"}, tree.get("layers")
-
-
-def _at(tree, index):
-    """Entry `index` of the leading axis of every leaf (None stays None)."""
-    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), tree)
 
 
 def _update(optimizer, tc, trainable, opt_state, grads: dict, layer):

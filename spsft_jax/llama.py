@@ -467,6 +467,12 @@ def nested_group_size(remat, num_layers: int) -> int:
     return 1 if size == num_layers else size
 
 
+def layer_at(stacked, index):
+    """Entry `index` of the leading (layer) axis of every leaf of `stacked`: one layer cut
+    from the stacks at its use, which XLA reads in place instead of copying a slice."""
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), stacked)
+
+
 def scan_layers(body: Callable, carry, weights, per_layer, remat: str | Callable | bool | None = None):
     """The final `carry` of `body(carry, (layer_weights, layer_item)) -> (carry, None)`
     run over the layers in turn: `weights` are the stacked layer parameters and
@@ -489,8 +495,7 @@ def scan_layers(body: Callable, carry, weights, per_layer, remat: str | Callable
     # sliced at once would be a copy of that many layers.
     def layer(carry, index_and_item):
         index, item = index_and_item
-        at = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), weights)
-        return body(carry, (at, item))
+        return body(carry, (layer_at(weights, index), item))
 
     def group(carry, first):
         items = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, first, size), per_layer)

@@ -1,4 +1,5 @@
 """Compiled step memory of every method (spsft_jax.memory): fields, counts and orderings."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -107,6 +108,7 @@ def test_lowered_step_is_the_one_the_run_compiles():
 
 
 _AHEAD = """
+import json
 import sys
 from pathlib import Path
 
@@ -117,15 +119,14 @@ from spsft_jax import importance, llama, memory, selection, train
 
 cache = Path(sys.argv[1])
 train.use_compilation_cache(cache, min_compile_seconds=0)
-cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                        num_heads=4, num_kv_heads=2, head_dim=8)
+cfg = llama.LlamaConfig(**json.loads(sys.argv[2]))
 run = dict(steps=2, learning_rate=1e-3, rank=2, remat="full")
 memory.step_memory(cfg, llama.param_shapes(cfg), memory.spread_selection(cfg, "all-linear", 2),
                    batch_shape=(2, 16), **run)
 ahead = {p.name for p in cache.glob("jit_step-*-cache")}
 params = llama.init_params(cfg, jax.random.key(1))
 rows = selection.select(importance.magnitude(cfg, params), rank=2)
-ids = np.random.default_rng(0).integers(0, 64, (2, 16), dtype=np.int32)
+ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16), dtype=np.int32)
 batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
 train.finetune(params, rows, [batch], config=cfg, **run)
 print(len(ahead), len({p.name for p in cache.glob("jit_step-*-cache")} - ahead))
@@ -135,7 +136,8 @@ print(len(ahead), len({p.name for p in cache.glob("jit_step-*-cache")} - ahead))
 def test_a_step_compiled_from_shapes_is_the_one_the_run_loads(tmp_path):
     """Compiled before any weight exists (other rows, same counts), the step lands in the
     cache, and `finetune` on the loaded weights loads it instead of compiling another."""
-    proc = subprocess.run([sys.executable, "-c", _AHEAD, str(tmp_path / "cache")],
+    proc = subprocess.run([sys.executable, "-c", _AHEAD, str(tmp_path / "cache"),
+                           json.dumps(dataclasses.asdict(TINY.cfg))],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ahead, compiled_by_the_run = map(int, proc.stdout.split()[-2:])
