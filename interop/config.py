@@ -3,6 +3,7 @@
     config_from_hf({"model_type": "llama", "hidden_size": 576, ...})  ->  LlamaConfig
     config_to_hf(cfg)                                                  ->  dict for config.json
     read_config("folder/config.json")                                  ->  LlamaConfig
+    merged_adapters("folder")                                          ->  ("sha256:...", ...)
 
 Every key a config may carry is in one of three tables, as transformers reads it:
 `FIELDS` (HF key -> our field), `MUST_EQUAL` (a key whose other values change the
@@ -11,6 +12,10 @@ accepted) and `IGNORED` (metadata, training-only switches and generation setting
 A key in none of them is refused, so a checkpoint never computes differently in
 silence. RoPE settings come from `rope_parameters` (transformers 5) and
 `rope_scaling` (4.x), read through the `ROPE_*` tables.
+
+A merged export records the adapters merged into its weights under `MERGED_ADAPTERS_KEY`
+(their `checkpoint.adapter_digest`s); transformers keeps it as a config attribute and
+we pass over it when reading the architecture.
 """
 from __future__ import annotations
 
@@ -58,7 +63,11 @@ MUST_EQUAL: dict[str, tuple] = {
 # A key MUST_EQUAL checks only while another key (absent: on) does not switch it off.
 SWITCHED_BY = {"sliding_window": ("use_sliding_window", False)}
 
+MERGED_ADAPTERS_KEY = "spsft_jax_merged_adapters"
+
 IGNORED = frozenset({
+    # our record of the adapters merged into the weights: it changes no computation
+    MERGED_ADAPTERS_KEY,
     # bookkeeping
     "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
     "_commit_hash", "name_or_path", "model_name", "tokenizer_class", "prefix", "id2label",
@@ -176,12 +185,15 @@ def config_to_hf(cfg: LlamaConfig, dtype: str = "float32") -> dict[str, Any]:
     return hf
 
 
-def read_config(path: str | os.PathLike) -> LlamaConfig:
-    """`config_from_hf` of a `config.json` file (or of the one in a folder); the config
-    remembers its folder, where the tokenizer files are."""
+def config_path(path: str | os.PathLike) -> str:
+    """The `config.json` of a model folder, or `path` itself when it names the file."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
+    return os.path.join(path, "config.json") if os.path.isdir(path) else path
+
+
+def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object of a `config.json` file (or of the one in a folder)."""
+    path = config_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing; an HF model folder needs config.json")
     with open(path) as f:
@@ -191,5 +203,23 @@ def read_config(path: str | os.PathLike) -> LlamaConfig:
             raise ValueError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
     if not isinstance(hf, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(hf).__name__}")
-    cfg = config_from_hf(hf, source=path)
+    return hf
+
+
+def read_config(path: str | os.PathLike) -> LlamaConfig:
+    """`config_from_hf` of a `config.json` file (or of the one in a folder); the config
+    remembers its folder, where the tokenizer files are."""
+    path = config_path(path)
+    cfg = config_from_hf(read_config_dict(path), source=path)
     return dataclasses.replace(cfg, source_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def merged_adapters(path: str | os.PathLike) -> tuple[str, ...]:
+    """The digests of the adapters a model folder's `config.json` (or that file) records as
+    merged into its weights, in merge order; () when it records none."""
+    path = config_path(path)
+    recorded = read_config_dict(path).get(MERGED_ADAPTERS_KEY) or []
+    if not isinstance(recorded, list) or not all(isinstance(d, str) for d in recorded):
+        raise ValueError(f"{path}: {MERGED_ADAPTERS_KEY} must be a list of digest strings, "
+                         f"found {recorded!r}")
+    return tuple(recorded)

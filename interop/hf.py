@@ -2,6 +2,8 @@
 
     load_hf("path/to/hf-llama")  ->  (cfg, params)      params as in `spsft_jax.llama`
     save_hf("out", cfg, params)  ->  out/config.json, out/model*.safetensors[, index], tokenizer files
+    save_merged("out", cfg, merged, model_dir="base", adapter_path="a.safetensors")
+                                 ->  the same, config.json recording the adapters merged in
 
 Names map declaratively: our pytree keeps HF's module names, so an HF key is
 the prefix of its top-level entry plus the leaf path, with `{i}` the layer index
@@ -17,7 +19,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from spsft_jax import llama
-from spsft_jax.interop.config import config_to_hf, read_config
+from spsft_jax.checkpoint import adapter_digest
+from spsft_jax.interop.config import (MERGED_ADAPTERS_KEY, config_path, config_to_hf, merged_adapters,
+                                      read_config)
 from spsft_jax.outputs import output_dir
 from spsft_jax.trees import leaf_paths, nest
 
@@ -467,6 +471,24 @@ def _check_param_shapes(cfg: llama.LlamaConfig, params: llama.Params) -> None:
                              f"the config implies {tuple(want.shape)}")
 
 
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _merged_record(cfg: llama.LlamaConfig, given: Sequence[str] | None) -> list[str]:
+    """The digests a saved config.json records: `given`, or (None) those of the folder
+    `cfg` was loaded from, whose weights the parameters still hold."""
+    if given is None:
+        source = config_path(cfg.source_dir) if cfg.source_dir else None
+        given = merged_adapters(source) if source and os.path.isfile(source) else ()
+    if isinstance(given, str):  # one digest would otherwise be read as its characters
+        given = (given,)
+    for digest in given:
+        if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+            raise ValueError(f"merged_adapters: {digest!r} is not an adapter digest "
+                             f"(checkpoint.adapter_digest gives one)")
+    return list(dict.fromkeys(given))
+
+
 def save_hf(
     path: str | os.PathLike,
     cfg: llama.LlamaConfig,
@@ -475,12 +497,16 @@ def save_hf(
     max_shard_size: int | str = "5GB",
     dtype=None,
     tokenizer_from: str | os.PathLike | None = None,
+    merged_adapters: Sequence[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write an HF checkpoint folder that `transformers.AutoModelForCausalLM` loads.
 
     dtype: storage dtype; None keeps the parameters'. Tokenizer files are copied from
     `tokenizer_from`, by default the folder the config was loaded from.
+    merged_adapters: digests (`checkpoint.adapter_digest`) of the adapters merged into
+    `params`, recorded in config.json under `MERGED_ADAPTERS_KEY` (see `save_merged`);
+    None records those the folder the config was loaded from records, if any.
     The folder is written beside `path` and renamed into place when complete;
     shards are gathered to the host one at a time. An existing folder that spsft-jax did
     not write is refused unless `overwrite=True`, and even then only our files are
@@ -492,6 +518,10 @@ def save_hf(
     first = jax.tree_util.tree_leaves(params)[0]
     storage = target or _np_dtype(first.dtype)
     dtype_name = {np.dtype(v): k for k, v in _NP_DTYPES.items()}[np.dtype(storage)]
+    hf_config = config_to_hf(cfg, dtype_name)
+    record = _merged_record(cfg, merged_adapters)
+    if record:  # left out when empty, so a plain round trip writes the same config.json
+        hf_config[MERGED_ADAPTERS_KEY] = record
     where, leaves = hf_names(cfg), dict(leaf_paths(params))
     shards = _shard_plan(where, leaves, target.itemsize if target else None,
                          parse_size(max_shard_size))
@@ -502,7 +532,7 @@ def save_hf(
         Path(cfg.source_dir) if cfg.source_dir else None
     )
     with output_dir(path, kind="hf", overwrite=overwrite, conflicts=WEIGHT_FILES) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype_name), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if len(shards) == 1:
             save_file(_host_tensors(shards[0], where, leaves, target), tmp / "model.safetensors",
                       metadata={"format": "pt"})
@@ -522,3 +552,22 @@ def save_hf(
                 if (source / name).is_file():
                     shutil.copy2(source / name, tmp / name)
     return Path(path)
+
+
+def check_not_merged(model_dir: str | os.PathLike, adapter_path: str | os.PathLike) -> None:
+    """Refuse an adapter that the model's config.json records as merged into its weights:
+    applying it again would add its delta twice (ValueError)."""
+    digest = adapter_digest(adapter_path)
+    if digest in merged_adapters(model_dir):
+        raise ValueError(f"{adapter_path}: already merged into {model_dir} (its config.json "
+                         f"records {digest}); apply it to the model it was trained on instead")
+
+
+def save_merged(path: str | os.PathLike, cfg: llama.LlamaConfig, params: llama.Params, *,
+                model_dir: str | os.PathLike, adapter_path: str | os.PathLike, **options) -> Path:
+    """`save_hf` of `params`, the model of `model_dir` with the adapter at `adapter_path`
+    merged in; config.json records the adapters `model_dir` records and this one.
+    An adapter `model_dir` already holds is refused (`check_not_merged`)."""
+    check_not_merged(model_dir, adapter_path)
+    record = merged_adapters(model_dir) + (adapter_digest(adapter_path),)
+    return save_hf(path, cfg, params, merged_adapters=record, **options)

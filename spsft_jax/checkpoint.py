@@ -13,6 +13,9 @@ cfg=cfg)` refuses a model they do not fit, naming the first field or tensor that
     "spsft_jax.config":  '{"vocab_size": 96, "hidden_size": 32, "num_layers": 2, ...}'
     "spsft_jax.targets": '{"layers/mlp/up_proj": [2, 64, 32], ...}'   (each target's weight shape)
 
+An adapter is known by `adapter_digest` (the SHA-256 of its file), which a merged export
+records so that the same adapter is not applied to it a second time.
+
 Training state (trainable pytree, optimizer state, step) goes through orbax, with a
 `run.json` beside it recording the run it belongs to (method, rank, selection digest,
 model), which a resume must match.
@@ -20,6 +23,7 @@ model), which a resume must match.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -129,11 +133,13 @@ def save_delta(path: str | os.PathLike, delta: Any, *, cfg: Any = None, overwrit
     return Path(path)
 
 
-def load_delta(path: str | os.PathLike, *, cfg: Any = None, params: Any = None) -> tuple[Any, dict[str, str]]:
+def load_delta(path: str | os.PathLike, *, cfg: Any = None, params: Any = None,
+               allow_nonfinite: bool = False) -> tuple[Any, dict[str, str]]:
     """(delta pytree, metadata) from a file written by `save_delta`.
 
     With `cfg` (and optionally `params`), refuse an adapter that does not fit that model
-    (see `check_delta`).
+    (see `check_delta`). A tensor holding NaN or Inf is refused, naming it, unless
+    `allow_nonfinite=True`.
     """
     try:
         with safe_open(path, framework="numpy") as f:
@@ -143,6 +149,8 @@ def load_delta(path: str | os.PathLike, *, cfg: Any = None, params: Any = None) 
         raise ValueError(f"{path}: not a readable safetensors adapter ({err})") from None
     if DELTAS_KEY not in metadata:
         raise ValueError(f"{path}: no '{DELTAS_KEY}' metadata; not an spsft-jax adapter file")
+    if not allow_nonfinite:
+        check_finite(path, arrays)
     tree: dict = {}
     for key, meta in json.loads(metadata.pop(DELTAS_KEY)).items():
         meta = dict(meta)
@@ -168,17 +176,47 @@ def load_delta(path: str | os.PathLike, *, cfg: Any = None, params: Any = None) 
     return tree, metadata
 
 
+def check_finite(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """Refuse the first floating tensor (by name) holding NaN or Inf: merged or applied, it
+    would turn every output it touches into NaN."""
+    for name in sorted(arrays):
+        array = arrays[name]
+        # jnp's test, not np's: it counts bfloat16 as floating.
+        if jax.numpy.issubdtype(array.dtype, jax.numpy.floating) and not np.isfinite(array).all():
+            raise ValueError(f"{path}: tensor {name!r} holds NaN or Inf values "
+                             f"(allow_nonfinite=True / --allow-nonfinite loads it anyway)")
+
+
+# Bytes hashed at a time, so a large adapter is never read whole.
+DIGEST_CHUNK_BYTES = 1 << 20
+
+
+def adapter_digest(path: str | os.PathLike) -> str:
+    """"sha256:<hex>" of an adapter file's bytes: what a merged export records of it."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(DIGEST_CHUNK_BYTES):
+                digest.update(chunk)
+    except OSError as err:
+        raise ValueError(f"{path}: adapter file cannot be read ({err.strerror or err})") from None
+    return f"sha256:{digest.hexdigest()}"
+
+
 # --------------------------------------------------------------------------- training state
 
 
-def save_state(directory: str | os.PathLike, step: int, state: Any, *, run: dict | None = None) -> None:
+def save_state(directory: str | os.PathLike, step: int, state: Any, *, run: dict | None = None,
+               keep: int | None = None) -> None:
     """Save a training-state pytree under `directory/<step>` with orbax; `run` (what the
-    state belongs to) goes to `run.json` beside it, for `restore_state` to check."""
+    state belongs to) goes to `run.json` beside it, for `restore_state` to check.
+    keep: how many of the latest steps to keep (None: all)."""
     import orbax.checkpoint as ocp
 
     if run is not None:
         save_run_info(directory, run)
-    with ocp.CheckpointManager(Path(directory).absolute()) as manager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep)
+    with ocp.CheckpointManager(Path(directory).absolute(), options=options) as manager:
         manager.save(step, args=ocp.args.StandardSave(state))
         manager.wait_until_finished()
 
@@ -217,6 +255,44 @@ def restore_state(directory: str | os.PathLike, like: Any, *, run: dict | None =
                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The latest finished checkpoint step in `directory` (None: none), read from the
+    folder names alone, so a command can decide before it loads anything."""
+    try:
+        steps = [int(e.name) for e in Path(directory).iterdir() if e.is_dir() and e.name.isdigit()]
+    except OSError:
+        return None
+    return max(steps, default=None)
+
+
+def read_run_info(directory: str | os.PathLike) -> dict:
+    """`run.json` of a checkpoint folder ({} when there is none)."""
+    try:
+        info = json.loads((Path(directory) / RUN_FILE).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{Path(directory) / RUN_FILE}: unreadable ({err})") from None
+    return info if isinstance(info, dict) else {}
+
+
+HISTORY_FILE = "history.json"
+
+
+def write_history(directory: str | os.PathLike, history: list[dict]) -> None:
+    """Every step's record up to the latest checkpoint, beside it (a resume carries it on)."""
+    with output_file(Path(directory) / HISTORY_FILE, overwrite=True) as f:
+        json.dump(history, f)
+
+
+def read_history(directory: str | os.PathLike) -> list[dict]:
+    try:
+        history = json.loads((Path(directory) / HISTORY_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
+
+
 def save_run_info(directory: str | os.PathLike, info: dict) -> None:
     """Record what a training state belongs to (`run.json` beside the orbax steps)."""
     Path(directory).mkdir(parents=True, exist_ok=True)
@@ -235,6 +311,7 @@ def check_run_info(directory: str | os.PathLike, info: dict) -> None:
                          f"they belong to, so they cannot be resumed") from None
     except (OSError, ValueError) as err:
         raise ValueError(f"{file}: unreadable ({err})") from None
+    recorded.pop("info", None)  # the caller's notes, not part of what must match
     diff = first_difference(recorded, json.loads(json.dumps(info)))
     if diff:
         raise ValueError(f"{file}: checkpoint made for another run: {diff}")

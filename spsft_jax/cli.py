@@ -80,14 +80,18 @@ def _tokens(args, tokenizer):
 
 
 def _max_len(args, cfg) -> int:
-    return args.max_len or min(2048, cfg.max_position_embeddings)
+    """--max-len, else min(2048, the model's context); never above --seq-len, so that
+    examples are cut as --truncate says, not by the batch's padding."""
+    longest = args.max_len or min(2048, cfg.max_position_embeddings)
+    return min(longest, args.seq_len) if getattr(args, "seq_len", None) else longest
 
 
 def _examples(args, path, tokenizer, cfg):
     from spsft_jax import data
 
-    return data.load(path, tokenizer, format=args.format, max_len=_max_len(args, cfg),
-                     truncate=args.truncate, tokens=_tokens(args, tokenizer))
+    max_len = _max_len(args, cfg)
+    return data.load(path, tokenizer, format=args.format, max_len=max_len, truncate=args.truncate,
+                     tokens=_tokens(args, tokenizer), max_record_bytes=data.record_byte_limit(max_len))
 
 
 def _fixed_len(args, encoded, pack=False) -> int | None:
@@ -162,26 +166,27 @@ def cmd_finetune(args) -> int:
     from spsft_jax import checkpoint, data, memory, outputs, train
     from spsft_jax import selection as selection_lib
 
+    out = Path(args.out)
+    checkpoints, restart = _checkpoint_plan(args, out)
     _job_defaults(args)
     _check_update(args)
-    out = Path(args.out)
-    checkpoints = _checkpoint_dir(args, out)
+    _check_context(args)
     cfg, params = _load(args)
     tokenizer = data.load_tokenizer(args.tokenizer or args.model)
     pad_id = _tokens(args, tokenizer).pad
-    encoded = _examples(args, args.data, tokenizer, cfg)
+    encoded = _trainable(args, _examples(args, args.data, tokenizer, cfg))
     evaluate = _evaluator(args, cfg, params, tokenizer)
     steps = _steps(args, encoded)
+    done = checkpoint.latest_step(checkpoints) if args.resume else None
+    if done is not None and done >= steps:
+        raise UsageError(f"--resume: the run in {checkpoints} has done {done} steps already "
+                         f"(--steps {steps}); raise --steps to continue it")
     chosen = None
-    run_selection = None if checkpoints is None else checkpoints / "selection.safetensors"
-    if args.method == "spsft" and args.resume and not args.selection and run_selection.is_file():
-        args.selection = str(run_selection)  # rescoring could choose other rows than the run's
     if args.method == "spsft":
-        chosen = (selection_lib.load(args.selection, cfg=cfg)[0] if args.selection
+        run_rows = checkpoints / "selection.safetensors" if args.resume else None
+        run_rows = run_rows if run_rows is not None and run_rows.is_file() else None
+        chosen = (selection_lib.load(run_rows or args.selection, cfg=cfg)[0] if run_rows or args.selection
                   else _selection(args, cfg, params, encoded, pad_id))
-        if run_selection is not None and not run_selection.is_file():
-            run_selection.parent.mkdir(parents=True, exist_ok=True)
-            selection_lib.save(run_selection, chosen, model=str(args.model), cfg=cfg)
     longest = args.seq_len or data.bucket_length(encoded.seq_len, encoded.max_len)
     # One set of options for the memory line and the run: the step compiled for the line is
     # then the run's own, which it loads from the compilation cache instead of compiling.
@@ -196,22 +201,23 @@ def cmd_finetune(args) -> int:
           f"{encoded.truncated} truncated to {encoded.max_len} tokens; {steps} steps at lr {args.lr:g}")
 
     before = evaluate(None)
+    if checkpoints is not None:  # recorded as ours just before anything is written there
+        outputs.claim_dir(out, [checkpoints.name], kind="run", overwrite=args.overwrite)
     start = time.perf_counter()
     result = train.finetune(
         params, chosen, _batches(args, encoded, pad_id, pack=args.pack), config=cfg, **run,
         progress=not args.quiet, checkpoint_dir=None if checkpoints is None else str(checkpoints),
-        checkpoint_every=args.checkpoint_every or 0,
+        checkpoint_every=args.checkpoint_every or 0, keep_checkpoints=args.keep, restart=restart,
+        checkpoint_info={"options": _run_options(args, steps)},
     )
     elapsed = time.perf_counter() - start
-    if not result.history:
-        raise UsageError(f"--resume: the run in {checkpoints} has done its {args.steps} steps already; "
-                         f"raise --steps to continue it")
     after = evaluate(result.delta)
 
+    history = result.full_history
     summary = {"method": args.method, "trainable_params": result.trainable_params,
-               "steps": len(result.history), "seconds": round(elapsed, 2),
-               "train_loss_first": result.history[0]["loss"], "train_loss_last": result.history[-1]["loss"],
-               "eval_before": before, "eval_after": after, "history": result.history}
+               "steps": len(history), "seconds": round(elapsed, 2),
+               "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
+               "eval_before": before, "eval_after": after, "history": history}
     keep = [checkpoints.name] if checkpoints is not None else []
     with outputs.output_dir(out, kind="run", overwrite=args.overwrite, keep=keep) as tmp:
         checkpoint.save_delta(tmp / "adapter.safetensors", result.delta, cfg=cfg, model=str(args.model),
@@ -222,8 +228,9 @@ def cmd_finetune(args) -> int:
         with open(tmp / "history.json", "w") as f:
             json.dump(summary, f, indent=2)
     frac = result.trainable_params / cfg.num_params()
+    resumed = f" (resumed after step {result.earlier_history[-1]['step']})" if result.earlier_history else ""
     print(f"{args.method}: {result.trainable_params:,} trainable parameters ({100 * frac:.2f}% of the model), "
-          f"{len(result.history)} steps in {elapsed:.1f} s")
+          f"{len(result.history)} steps in {elapsed:.1f} s{resumed}")
     print(f"train loss {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}")
     if before is not None:
         line = f"eval loss {before['loss']:.4f} -> {after['loss']:.4f}"
@@ -253,26 +260,28 @@ def cmd_select(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from spsft_jax import checkpoint, delta as deltas, interop
+    from spsft_jax import delta as deltas, interop
 
     cfg, params = _load(args)
-    delta, _ = checkpoint.load_delta(args.adapter, cfg=cfg, params=params)
+    delta = _adapter(args, cfg, params)
     if args.format == "peft":
         interop.save_peft_adapter(args.out, cfg, delta, base_model_name_or_path=str(args.model),
                                   overwrite=args.overwrite)
     else:
-        interop.save_hf(args.out, cfg, deltas.merge(params, delta), max_shard_size=args.max_shard_size,
-                        overwrite=args.overwrite)
+        # The merged model records the adapters it holds, so none is applied to it twice.
+        interop.save_merged(args.out, cfg, deltas.merge(params, delta), model_dir=args.model,
+                            adapter_path=args.adapter, max_shard_size=args.max_shard_size,
+                            overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0
 
 
 def cmd_generate(args) -> int:
-    from spsft_jax import checkpoint, data, generate
+    from spsft_jax import data, generate
 
     cfg, params = _load(args)
     tokenizer = data.load_tokenizer(args.tokenizer or args.model)
-    delta = checkpoint.load_delta(args.adapter, cfg=cfg, params=params)[0] if args.adapter else None
+    delta = _adapter(args, cfg, params) if args.adapter else None
     outputs = generate.complete(cfg, params, tokenizer, args.prompt, chat=args.chat,
                                 tokens=_tokens(args, tokenizer), delta=delta,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -280,6 +289,15 @@ def cmd_generate(args) -> int:
     for prompt, out in zip(args.prompt, outputs):
         print(out if args.chat else f"{prompt}{out}")
     return 0
+
+
+def _adapter(args, cfg, params):
+    """The --adapter's delta, checked against the model (and not already merged into it)."""
+    from spsft_jax import checkpoint, interop
+
+    interop.check_not_merged(args.model, args.adapter)
+    return checkpoint.load_delta(args.adapter, cfg=cfg, params=params,
+                                 allow_nonfinite=args.allow_nonfinite)[0]
 
 
 def cmd_bench(args) -> int:
@@ -413,8 +431,9 @@ def _model_options(p, *, data: bool):
         p.add_argument("--format", choices=["chat", "alpaca", "prompt", "text"],
                        help="record format (default: detected from each file's first record)")
         p.add_argument("--max-len", type=int, help="longest example in tokens (default: min(2048, model context))")
-        p.add_argument("--truncate", default="right", choices=["right", "error"],
-                       help="cut longer examples (and count them), or refuse them")
+        p.add_argument("--truncate", default="left", choices=["left", "right", "error"],
+                       help="examples longer than --max-len: left (default) cuts the prompt's oldest "
+                            "tokens and keeps the response, right cuts the end, error refuses them")
         p.add_argument("--seq-len", type=int, help="pad every batch to this length (default: per-batch buckets)")
         p.add_argument("--batch-size", type=int, help="examples per step (default 8)")
         p.add_argument("--targets", default="all-linear", help="all-linear, mlp, attention or comma-separated module names")
@@ -463,7 +482,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="merged HF checkpoint or PEFT adapter from an adapter file")
     _model_options(p, data=False)
-    p.add_argument("--adapter", required=True)
+    p.add_argument("--adapter", required=True, action="append", help="an adapter file (once)")
     p.add_argument("--out", required=True)
     p.add_argument("--format", default="hf", choices=["hf", "peft"])
     p.add_argument("--max-shard-size", default="5GB")
@@ -471,7 +490,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="greedy continuation of prompts")
     _model_options(p, data=False)
-    p.add_argument("--adapter")
+    p.add_argument("--adapter", action="append", help="an adapter file (once)")
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--chat", action="store_true", help="each prompt is a user message, through the chat template")
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -543,7 +562,11 @@ def _safety_options(sub) -> None:
             p.add_argument("--checkpoint-every", type=int, metavar="N",
                            help="save the training state to OUT/checkpoints every N steps")
             p.add_argument("--resume", action="store_true",
-                           help="continue the run in OUT/checkpoints (same model, method, rank, selection)")
+                           help="continue the run in OUT/checkpoints: options not given are the run's; "
+                                "one that changes what is trained (--method, --rank, --ratio, --selection, "
+                                "--targets, --metric, --scope, --tokentune, --tune-norms) is refused")
+            p.add_argument("--keep", type=int, default=3, metavar="N",
+                           help="keep the latest N checkpoints (default 3)")
 
 
 def _positive_int(v) -> bool:
@@ -568,6 +591,7 @@ OPTION_RULES = {
     "temperature": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: greedy)"),
     "top_p": (lambda v: _positive_float(v) and v <= 1, "a fraction in (0, 1]"),
     "checkpoint_every": (_positive_int, "an integer >= 1"),
+    "keep": (_positive_int, "an integer >= 1"),
     "lr": (_positive_float, "a positive finite number"),
     "ratio": (lambda v: _positive_float(v) and v <= 1, "a fraction in (0, 1]"),
     "warmup": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0 (steps, or a fraction below 1)"),
@@ -589,6 +613,13 @@ def _check_options(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be {must}")
     if args.command == "finetune" and args.tokentune is not None and args.tokentune > 1:
         args.tokentune = int(args.tokentune)  # a token count, as the help offers
+    adapters = getattr(args, "adapter", None)
+    if adapters is not None:
+        if len(adapters) > 1:
+            raise UsageError(f"--adapter given {len(adapters)} times ({', '.join(adapters)}): apply one; to "
+                             f"stack them, merge the first with `spsft-jax export` and apply the next to "
+                             f"the merged model")
+        args.adapter = adapters[0]
 
 
 def _check_outputs(args) -> None:
@@ -597,7 +628,9 @@ def _check_outputs(args) -> None:
 
     overwrite = getattr(args, "overwrite", False)
     if args.command == "finetune":
-        outputs.check_dir(args.out, kind="run", overwrite=overwrite, what="--out")
+        checkpointing = args.checkpoint_every is not None or args.resume
+        outputs.check_dir(args.out, kind="run", overwrite=overwrite, what="--out",
+                          entries=RUN_ENTRIES if checkpointing else RUN_ENTRIES[:-1])
     elif args.command == "export":
         kind = "peft" if args.format == "peft" else "hf"
         outputs.check_dir(args.out, kind=kind, overwrite=overwrite, what="--out")
@@ -610,7 +643,10 @@ def _check_outputs(args) -> None:
 
 
 def _check_inputs(args) -> None:
-    """Data files exist, are files, and are UTF-8 JSON lines whose text fields are strings."""
+    """Data files exist, are files, and are UTF-8 JSON records of one format, read one
+    line at a time (a line far beyond any useful length is refused unread)."""
+    from spsft_jax import data
+
     for option in ("data", "eval"):
         path = getattr(args, option, None)
         if not path:
@@ -619,27 +655,36 @@ def _check_inputs(args) -> None:
         if not file.exists():
             raise UsageError(f"--{option} {path}: no such file")
         if not file.is_file():
-            raise UsageError(f"--{option} {path}: is a folder, not a JSONL file")
-        with open(file, "rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte {err.start})") from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-                for key in ("prompt", "response", "text"):
-                    if isinstance(record, dict) and key in record and not isinstance(record[key], str):
-                        raise ValueError(f"{path}:{line_no}: field {key!r} must be a string, "
-                                         f"found {type(record[key]).__name__}")
+            raise UsageError(f"--{option} {path}: is {_file_kind(file)}, not a JSONL file")
+        data.read_file_checked(file, format=getattr(args, "format", None),
+                               max_record_bytes=data.record_byte_limit(getattr(args, "max_len", None) or 2048))
     for option in ("adapter", "selection"):
         path = getattr(args, option, None)
         if path and Path(path).is_dir():
             raise UsageError(f"--{option} {path}: is a folder, not a .safetensors file")
+
+
+def _file_kind(path: Path) -> str:
+    """What a path that is not a regular file is, in words."""
+    import stat
+
+    mode = path.stat().st_mode
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((words for test, words in kinds if test(mode)), "not a regular file")
+
+
+def _check_model(args) -> None:
+    """--model is a model folder (or, for plan, a config.json): a GGUF file points to convert."""
+    model = getattr(args, "model", None)
+    if model is None or not Path(model).is_file():
+        return
+    if Path(model).suffix.lower() == ".gguf":
+        raise UsageError(f"--model {model}: a GGUF file; convert it to a model folder first: "
+                         f"spsft-jax convert {model} DIR, then --model DIR")
+    if args.command != "plan":
+        raise UsageError(f"--model {model}: is a file; give the model's folder (config.json, weights, "
+                         f"tokenizer)")
 
 
 def _check_update(args) -> None:
@@ -655,33 +700,175 @@ def _check_update(args) -> None:
         raise UsageError("--update per-layer takes one micro-batch per step: drop --grad-accum")
 
 
-def _checkpoint_dir(args, out: Path) -> Path | None:
-    """OUT/checkpoints when the run checkpoints or resumes; a fresh run drops our old ones."""
-    from spsft_jax import outputs
+RUN_ENTRIES = ("adapter.safetensors", "selection.safetensors", "history.json", "checkpoints")
+# Options a run records with its checkpoints: a resume takes those it is not given.
+RUN_OPTIONS = ("model", "tokenizer", "data", "format", "max_len", "truncate", "seq_len", "batch_size",
+               "targets", "metric", "rank", "ratio", "scope", "importance_batches", "remat", "method",
+               "selection", "steps", "lr", "pack", "warmup", "schedule", "weight_decay", "grad_accum",
+               "tokentune", "tune_norms", "update", "seed")
+# ... of which these decide what is trained: a resume given another value is refused.
+FIXED_ON_RESUME = ("method", "rank", "ratio", "selection", "targets", "metric", "scope", "tokentune",
+                   "tune_norms")
+
+
+def _checkpoint_plan(args, out: Path) -> tuple[Path | None, bool]:
+    """(OUT/checkpoints or None, whether the run starts over beside old checkpoints).
+
+    Checkpoints of ours in OUT are never deleted before a new run has its own: without
+    --resume they are refused unless --overwrite, and then kept until the new run saves
+    its first checkpoint (or, without --checkpoint-every, until its outputs are written).
+    """
+    from spsft_jax import checkpoint, outputs
 
     checkpoints = out / "checkpoints"
+    ours = checkpoints.name in outputs.recorded(out).get("run", ())
+    latest = checkpoint.latest_step(checkpoints) if ours else None
     if args.resume:
-        if not (checkpoints / "run.json").is_file():
+        if latest is None or not (checkpoints / checkpoint.RUN_FILE).is_file():
             raise UsageError(f"--resume: {checkpoints} holds no checkpoint of a run to continue")
-    elif checkpoints.name in outputs.recorded(out).get("run", ()) and checkpoints.is_dir():
-        import shutil
+        _resume_options(args, checkpoints)
+        return checkpoints, False
+    if latest is not None and not args.overwrite:
+        raise UsageError(f"--out {out} holds checkpoints up to step {latest}: pass --resume to "
+                         f"continue, or --overwrite to start over")
+    return (checkpoints if args.checkpoint_every else None), latest is not None
 
-        shutil.rmtree(checkpoints)  # ours, from an earlier run into this folder: start afresh
-    if args.checkpoint_every is None and not args.resume:
-        return None
-    outputs.claim_dir(out, [checkpoints.name], kind="run", overwrite=args.overwrite)
-    return checkpoints
+
+def _resume_options(args, checkpoints: Path) -> None:
+    """Take the run's recorded options for those not given; refuse a given one that would
+    train something else than the checkpoint holds."""
+    from spsft_jax import checkpoint
+    from spsft_jax import selection as selection_lib
+
+    recorded = checkpoint.read_run_info(checkpoints).get("info", {}).get("options", {})
+    given = getattr(args, "given", set())
+    for name, was in recorded.items():
+        if name not in RUN_OPTIONS:
+            continue
+        if name not in given:
+            if not (name == "steps" and "epochs" in given):
+                setattr(args, name, was)
+        elif name == "selection":
+            rows = checkpoints / "selection.safetensors"
+            if rows.is_file() and selection_lib.digest(selection_lib.load(args.selection)[0]) != \
+                    selection_lib.digest(selection_lib.load(rows)[0]):
+                raise UsageError(f"--resume: --selection {args.selection} holds other rows than the run "
+                                 f"in {checkpoints} ({rows}); drop --selection, or start over with --overwrite")
+        elif name in FIXED_ON_RESUME and json.dumps(getattr(args, name)) != json.dumps(was):
+            raise UsageError(f"--resume: {_flag(name, getattr(args, name))} differs from the run in "
+                             f"{checkpoints}, made with {_flag(name, was)}; drop it, or start over with "
+                             f"--overwrite")
+
+
+def _flag(name: str, value) -> str:
+    option = "--" + name.replace("_", "-")
+    if value is True or value is None or value is False:
+        return option if value else f"no {option}"
+    return f"{option} {','.join(value) if isinstance(value, list) else value}"
+
+
+def _run_options(args, steps: int) -> dict:
+    """The options of this run as a resume reads them back (paths made absolute)."""
+    options = {name: getattr(args, name, None) for name in RUN_OPTIONS}
+    for name in ("model", "tokenizer", "data", "selection"):
+        if options[name]:
+            options[name] = str(Path(options[name]).absolute())
+    return {**options, "steps": steps}
+
+
+def _check_context(args) -> None:
+    """--max-len and --seq-len within the model's context, before the weights load."""
+    cfg = _load_config(args.model)
+    for name in ("max_len", "seq_len"):
+        value = getattr(args, name, None)
+        if value is not None and value > cfg.max_position_embeddings:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: longer than the model's context of "
+                             f"{cfg.max_position_embeddings} tokens (max_position_embeddings in "
+                             f"{Path(args.model) / 'config.json'})")
+
+
+def _trainable(args, encoded):
+    """The examples that carry a loss token: a run that would train nothing is refused
+    naming why; examples left without one are dropped with one warning line."""
+    from spsft_jax import data, tokentune
+
+    n, empty, cut = len(encoded.examples), encoded.without_targets, encoded.targets_cut
+    cause = f"--max-len {encoded.max_len} cut every response" if cut == n else (
+        f"no example of {args.data} has a loss token" + (f" ({cut} lost theirs to --max-len "
+                                                         f"{encoded.max_len})" if cut else
+                                                         " (no response or assistant turn)"))
+    if empty == n:
+        raise UsageError(f"{cause}; nothing to train on")
+    if empty:
+        print(f"spsft-jax finetune: warning: {empty} of {n} examples have no loss token "
+              f"({cut} cut by --max-len {encoded.max_len}); left out", file=sys.stderr)
+        encoded.examples = [e for e in encoded.examples if data.has_targets(e[1])]
+    if args.tokentune is not None and not args.pack and not any(
+            tokentune.reaches_loss(labels, args.tokentune) for _, labels in encoded.examples):
+        raise UsageError(f"--tokentune {args.tokentune} picks no loss token in {len(encoded.examples)} "
+                         f"examples (it keeps the first and last token of each, which carry none here); "
+                         f"raise it")
+    return encoded
+
+
+# The library's words for options, as the command line spells them.
+CLI_WORDS = ((r"allow_nonfinite=True / --allow-nonfinite", "--allow-nonfinite"),
+             (r"allow_nonfinite=True", "--allow-nonfinite"), (r"overwrite=True", "--overwrite"),
+             (r"truncate='error'", "--truncate error"), (r"max_new_tokens=", "--max-new-tokens "),
+             (r"(?<![-\w])max_len\b", "--max-len"))
 
 
 def _message(err: BaseException) -> str:
-    """One line for a user error: file-system errors name their file."""
+    """One line for a user error: file-system errors name their file, options are spelled
+    as on the command line."""
+    import re
+
     if isinstance(err, KeyError) and err.args:
         text = str(err.args[0])
     elif isinstance(err, OSError) and getattr(err, "filename", None):
         text = f"{err.filename}: {err.strerror or err}"
     else:
         text = str(err) or type(err).__name__
+    for library, command_line in CLI_WORDS:
+        text = re.sub(library, command_line, text)
     return " ".join(text.split())
+
+
+def _given_options(argv: list[str]) -> set[str]:
+    """The options written on the command line (not defaults): argv parsed again with
+    every default suppressed."""
+    top = parser()
+    for action in top._actions:
+        for sub in getattr(action, "choices", None) and action.choices.values() or ():
+            for option in sub._actions:
+                option.default = argparse.SUPPRESS
+    return set(vars(top.parse_args(argv))) - {"command", "func"}
+
+
+def _writing(args):
+    """Hold the command's output against a second writer for as long as it runs."""
+    import contextlib
+
+    from spsft_jax import outputs
+
+    if args.command in ("finetune", "export"):
+        return outputs.lock(args.out, what="--out")
+    if args.command == "convert":
+        return outputs.lock(args.out_dir, what="OUT_DIR")
+    if args.command == "select":
+        return outputs.lock(args.out, folder=False, what="--out")
+    return contextlib.nullcontext()
+
+
+def _kept(args) -> str:
+    """What an interrupted run leaves to resume from."""
+    from spsft_jax import checkpoint
+
+    if args is None or args.command != "finetune":
+        return ""
+    folder = Path(args.out) / "checkpoints"
+    step = checkpoint.latest_step(folder)
+    return "" if step is None else f"; the latest checkpoint is step {step} in {folder} (--resume continues)"
 
 
 def _targets(value: str):
@@ -730,11 +917,14 @@ def main(argv: list[str] | None = None) -> int:
         command = args.command
         if hasattr(args, "targets"):
             args.targets = _targets(args.targets)
+        args.given = _given_options(argv)
         _check_options(args)
+        _check_model(args)
         _check_outputs(args)
         _check_inputs(args)
         _use_compile_cache(compile_cache_folder(os.environ))
-        return args.func(args)
+        with _writing(args):
+            return args.func(args)
     except (UsageError, ValueError, OSError, KeyError, NotImplementedError, FloatingPointError,
             SafetensorError) as err:
         if args is not None and getattr(args, "debug", False) or "--debug" in argv:
@@ -742,6 +932,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spsft-jax {command}: error: {_message(err)}".replace("spsft-jax : ", "spsft-jax: "),
               file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"spsft-jax {command}: interrupted{_kept(args)}".replace("spsft-jax : ", "spsft-jax: "),
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

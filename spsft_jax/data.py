@@ -9,7 +9,9 @@
                 tokenizer has one, else the Alpaca prompt; loss on the output
         prompt  {"prompt": "...", "response": "..."}    raw text; loss on the response and EOS
         text    {"text": "..."}                          raw text; loss on every token and EOS
-    example: (input_ids, labels)   lists of ints, labels -100 where no loss
+    example: (input_ids, labels)   lists of ints, labels -100 where no loss; one longer than
+             max_len loses the start of its prompt (a leading BOS kept), then its end if still
+             too long (`truncate="left"`), or only its end ("right"), or is refused ("error")
     batch:   {"input_ids", "attention_mask", "labels": int32 [B, T]}, and with `pack=True`
              "segment_ids" int32 [B, T] (1, 2, ... per packed example, 0 on padding)
 
@@ -17,10 +19,15 @@ Tokenizers are HF fast tokenizers (`tokenizer.json`, `tokenizer_config.json`, ch
 template) read with `transformers.PreTrainedTokenizerFast`, which needs no torch. Special
 tokens come from those files and the model's `generation_config.json` / `config.json`:
 BOS is whatever the tokenizer itself adds, EOS its `eos_token`.
+
+Hostile files stay cheap: JSONL is read a line at a time (a line can be refused unread past
+`record_byte_limit`), and text fields are cut to `max_len * CHARS_PER_TOKEN` characters
+before tokenizing, on the side truncation would drop anyway.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from pathlib import Path
@@ -97,49 +104,154 @@ def special_tokens(tokenizer, model_dir: str | os.PathLike | None = None) -> Spe
 
 # --------------------------------------------------------------------------- records
 
+# Real text averages 3 to 5 characters a token. The longest tokens are runs of spaces, '-',
+# '=' or '#' (SmolLM2's reach 81 characters, and it spends exactly 64 a token on such a
+# run), so with 128 even a field made only of them keeps over max_len tokens after the cut:
+# the tokens kept are then those of the whole field, as BPE and its pre-tokenizers change
+# tokens only near a cut, an end that truncation drops anyway.
+CHARS_PER_TOKEN = 128
+MiB = 1 << 20
 
-def read_records(path: str | os.PathLike, *, format: str | None = None) -> tuple[str, list[tuple[str, dict]]]:
-    """(format, [(where, record)]) of a JSONL or JSON file; `where` is "file:line".
 
-    Every record must be in the file's format (detected from the first record unless
-    given); an error names the file, the line and the fields expected.
+def record_byte_limit(max_len: int) -> int:
+    """The longest JSONL line worth reading for `max_len`: 128 character caps, at least 16 MiB.
+
+    What truncation keeps of a record is about two caps of text at most (the end of the
+    prompt and the start of the rest), and JSON spells a character in 12 bytes at most (an
+    escaped surrogate pair), so 128 caps is 5 times the worst case and 60 times plain
+    text. The floor lets a file fit for long examples load for a quick run at a small max_len.
+    """
+    return max(16 * MiB, 128 * max_len * CHARS_PER_TOKEN)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.4g} {unit}"
+        n /= 1024
+
+
+def _lines(f, path, limit: int | None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a binary file, one line in memory at a time; a line longer
+    than `limit` bytes is refused after reading no more than `limit` + 2 bytes of it."""
+    line_no = 0
+    while True:
+        raw = f.readline() if limit is None else f.readline(limit + 2)
+        if not raw:
+            return
+        line_no += 1
+        if limit is not None and len(raw.rstrip(b"\r\n")) > limit:
+            raise ValueError(f"{path}:{line_no}: a record of over {_size(limit)} (the limit of a line), "
+                             f"far beyond any useful example length")
+        try:
+            yield line_no, raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte {err.start})") from None
+
+
+def _json_list(f) -> bool:
+    """Whether a binary file starts (after white space) with '[', read a chunk at a time."""
+    while chunk := f.read(1 << 16):
+        if chunk.lstrip():
+            f.seek(0)
+            return chunk.lstrip().startswith(b"[")
+    f.seek(0)
+    return False
+
+
+def _list_items(path, raw: bytes) -> list[tuple[str, Any]]:
+    try:
+        items = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line_no, line_start = raw.count(b"\n", 0, err.start) + 1, raw.rfind(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte {err.start - line_start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    return [(f"{path}: record {i}", item) for i, item in enumerate(items, 1)]
+
+
+def _located(path, max_record_bytes: int | None) -> Iterator[tuple[str, Any]]:
+    """(where, parsed JSON) of each record; a JSONL file is read a line at a time, a JSON
+    list whole (`max_record_bytes` bounds JSONL lines only)."""
+    with open(path, "rb") as f:
+        if _json_list(f):
+            yield from _list_items(path, f.read())
+            return
+        for line_no, line in _lines(f, path, max_record_bytes):
+            if line.strip():
+                yield f"{path}:{line_no}", _parse(line, f"{path}:{line_no}")
+
+
+def _parse(line: str, where: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+
+
+def _file_format(where: str, record: Any) -> str:
+    """The format of a file, from its first record."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object with {EXPECTED}")
+    found = detect_format(record)
+    if found is None:
+        raise ValueError(f"{where}: a record in none of the formats: expected {EXPECTED}; "
+                         f"got fields {sorted(record)}")
+    return found
+
+
+def _checked(where: str, record: Any, format: str) -> tuple[str, dict]:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object with {EXPECTED}")
+    check_record(record, format, where)
+    return where, record
+
+
+def iter_records(path: str | os.PathLike, *, format: str | None = None,
+                 max_record_bytes: int | None = None) -> tuple[str, Iterator[tuple[str, dict]]]:
+    """(format, lazy [(where, record)]) of a JSONL or JSON file; `where` is "file:line".
+
+    The format is read off the first record (unless given); the records are read and
+    checked one at a time as the iterator advances, each held only while in use. Lines of
+    over `max_record_bytes` bytes are refused unread (see `record_byte_limit`). Errors name
+    the file and the line: not UTF-8, not JSON, not an object, not the file's format.
     """
     if format is not None and format not in FORMATS:
         raise ValueError(f"format={format!r}: choose one of {', '.join(FORMATS)}")
-    with open(path) as f:
-        text = f.read()
-    located: list[tuple[str, Any]] = []
-    if text.lstrip().startswith("["):  # a JSON list of records
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-        located = [(f"{path}: record {i}", item) for i, item in enumerate(items, 1)]
-    else:
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                located.append((f"{path}:{line_no}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-    if not located:
+    located = _located(path, max_record_bytes)
+    first = next(located, None)
+    if first is None:
         raise ValueError(f"{path}: no records")
-    for where, record in located:
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object with {EXPECTED}")
-        if format is None:
-            format = detect_format(record)
-            if format is None:
-                raise ValueError(f"{where}: a record in none of the formats: expected {EXPECTED}; "
-                                 f"got fields {sorted(record)}")
-        check_record(record, format, where)
-    return format, located
+    format = format or _file_format(*first)
+    first = _checked(*first, format)  # now, so its errors come before the caller's (no chat template, ...)
+    return format, itertools.chain([first], (_checked(where, record, format) for where, record in located))
 
 
-def read_jsonl(path: str | os.PathLike, *, format: str | None = None) -> list[dict]:
-    """The records of a JSONL or JSON file, checked as `read_records` does."""
-    return [record for _, record in read_records(path, format=format)[1]]
+def read_file_checked(path: str | os.PathLike, *, format: str | None = None,
+                      max_record_bytes: int | None = None) -> tuple[str, int]:
+    """(format, number of records) of a data file checked as `iter_records` checks it,
+    keeping no record: a check to run before anything large is loaded."""
+    format, records = iter_records(path, format=format, max_record_bytes=max_record_bytes)
+    return format, sum(1 for _ in records)
+
+
+def read_records(path: str | os.PathLike, *, format: str | None = None, max_record_bytes: int | None = None,
+                 max_len: int | None = None, truncate: str = "left") -> tuple[str, list[tuple[str, dict]]]:
+    """(format, [(where, record)]) of a JSONL or JSON file, checked as `iter_records` does.
+
+    With `max_len`, the text fields are kept as `cap_record` cuts them for that length and
+    truncation, so no record holds more text than an example can use (`encode` would not
+    count these records as truncated: `load` a file to have that counted).
+    """
+    format, records = iter_records(path, format=format, max_record_bytes=max_record_bytes)
+    if max_len is not None:
+        records = ((where, cap_record(record, format, max_len, truncate)[0]) for where, record in records)
+    return format, list(records)
+
+
+def read_jsonl(path: str | os.PathLike, *, format: str | None = None, **options) -> list[dict]:
+    """The records of a JSONL or JSON file, as `read_records` reads them (same options)."""
+    return [record for _, record in read_records(path, format=format, **options)[1]]
 
 
 def detect_format(record: dict) -> str | None:
@@ -157,7 +269,7 @@ def check_record(record: dict, format: str, where: str) -> None:
         return
     for name in fields + (("input",) if format == "alpaca" and "input" in record else ()):
         if not isinstance(record[name], str):
-            raise ValueError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
+            raise ValueError(f"{where}: field {name!r} must be a string, found {type(record[name]).__name__}")
 
 
 def check_conversation(messages: Any, where: str) -> None:
@@ -179,13 +291,16 @@ def check_conversation(messages: Any, where: str) -> None:
 # --------------------------------------------------------------------------- encoding
 
 
-def _encode(tokenizer, text: str, *, specials: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=specials)["input_ids"])
+# Texts longer than the tokenizer's model_max_length are expected (truncation comes after):
+# `verbose=False` keeps transformers from logging that they are.
+def encode_text(tokenizer, text: str, *, specials: bool = True) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=specials, verbose=False)["input_ids"])
 
 
 def _render(tokenizer, messages: list[dict], *, generation_prompt: bool = False) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
-                                              add_generation_prompt=generation_prompt))
+                                              add_generation_prompt=generation_prompt,
+                                              tokenizer_kwargs={"verbose": False}))
 
 
 def chat_prompt(tokenizer, messages: list[dict] | str) -> list[int]:
@@ -239,7 +354,7 @@ def encode_record(record: dict, format: str, tokenizer, tokens: SpecialTokens, w
         return encode_chat(tokenizer, record["messages"], where)
     eos = [tokens.eos] if tokens.eos is not None else []
     if format == "text":
-        ids = _encode(tokenizer, record["text"], specials=True) + eos
+        ids = encode_text(tokenizer, record["text"], specials=True) + eos
         return ids, list(ids)
     if format == "alpaca":
         context = record.get("input") or ""
@@ -249,9 +364,67 @@ def encode_record(record: dict, format: str, tokenizer, tokens: SpecialTokens, w
         response = record["output"]
     else:
         prompt, response = record["prompt"], record["response"]
-    head = _encode(tokenizer, prompt, specials=True)
-    tail = _encode(tokenizer, response, specials=False) + eos
+    head = encode_text(tokenizer, prompt, specials=True)
+    tail = encode_text(tokenizer, response, specials=False) + eos
     return head + tail, [IGNORE_INDEX] * len(head) + tail
+
+
+TRUNCATE = ("left", "right", "error")
+PROMPT_FIELDS = ("prompt", "instruction", "input")
+
+
+def _cut(text: str, cap: int, keep_end: bool) -> str:
+    return text if len(text) <= cap else text[-cap:] if keep_end else text[:cap]
+
+
+def cap_record(record: dict, format: str, max_len: int, truncate: str = "left") -> tuple[dict, bool]:
+    """The record with each text field cut to `max_len * CHARS_PER_TOKEN` characters, and
+    whether any was cut; a record with no longer field is returned as it is.
+
+    A field keeps the side truncation keeps: with "left", the end of the prompt-side fields
+    (prompt, instruction, input, the turns before the first assistant turn) and the start
+    of the others; otherwise the start of all. So tokenizing stays bounded, and the example
+    is the one the whole record gives, as long as a cut field still holds max_len tokens.
+    """
+    cap = max_len * CHARS_PER_TOKEN
+    if format == "chat":
+        messages = record["messages"]
+        if all(len(m["content"]) <= cap for m in messages):
+            return record, False
+        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return {**record, "messages": [{**m, "content": _cut(m["content"], cap, truncate == "left" and i < first)}
+                                       for i, m in enumerate(messages)]}, True
+    long = [name for name in FORMATS[format] + ("input",)
+            if isinstance(record.get(name), str) and len(record[name]) > cap]
+    if not long:
+        return record, False
+    return {**record, **{name: _cut(record[name], cap, truncate == "left" and name in PROMPT_FIELDS)
+                         for name in long}}, True
+
+
+def truncate_example(ids: list[int], labels: list[int], max_length: int, *,
+                     side: str = "left", bos: int | None = None) -> Example:
+    """An example cut to `max_length` tokens, labels kept aligned with ids.
+
+    right: the end is cut. left: the prompt (the tokens before the first label) loses
+    tokens from its start, a leading `bos` excepted, and only when the rest is still too
+    long is its end cut: what is trained on is kept as far as it fits.
+    """
+    excess = len(ids) - max_length
+    if excess <= 0:
+        return ids, labels
+    if side == "left":
+        keep = 1 if bos is not None and ids[:1] == [bos] else 0
+        start = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), len(labels))
+        drop = max(0, min(excess, start - keep))
+        ids, labels = ids[:keep] + ids[keep + drop:], labels[:keep] + labels[keep + drop:]
+    return ids[:max_length], labels[:max_length]
+
+
+def has_targets(labels: Sequence[int]) -> bool:
+    """Whether an example has a token to learn: a label at position 1 or later (nothing
+    predicts position 0 in a causal LM)."""
+    return any(y != IGNORE_INDEX for y in labels[1:])
 
 
 @dataclasses.dataclass
@@ -260,9 +433,11 @@ class Encoded:
 
     examples: list[Example]
     format: str
-    longest: int        # tokens of the longest example before truncation
-    truncated: int      # examples cut to max_len
+    longest: int        # tokens of the longest example before truncation (of its capped fields, if cut)
+    truncated: int      # examples cut to max_len (tokens, or the characters of a field)
     max_len: int
+    without_targets: int = 0  # examples with no token to learn (see `has_targets`)
+    targets_cut: int = 0      # of those, the ones that had some before truncation
 
     @property
     def seq_len(self) -> int:
@@ -276,16 +451,19 @@ def encode(
     *,
     max_length: int = 2048,
     format: str | None = None,
-    truncate: str = "right",
+    truncate: str = "left",
     tokens: SpecialTokens | None = None,
 ) -> Encoded:
     """Encode records (or `(where, record)` pairs), each in `format` or in the format it
-    has; cut examples longer than `max_length` and count them, or with `truncate="error"`
-    refuse, naming the record."""
-    if truncate not in ("right", "error"):
-        raise ValueError(f"truncate={truncate!r}: choose 'right' or 'error'")
+    has, and count those cut or left with nothing to learn (the caller decides what is
+    too many). Examples longer than `max_length` tokens are cut as `truncate` says:
+    "left" (`truncate_example`: the start of the prompt, keeping BOS), "right" (the end),
+    or "error" (refused, naming the record). Text fields are first capped
+    (`cap_record`), which leaves the examples as they would be without the cap."""
+    if truncate not in TRUNCATE:
+        raise ValueError(f"truncate={truncate!r}: choose 'left', 'right' or 'error'")
     tokens = tokens or special_tokens(tokenizer)
-    examples, formats, longest, truncated = [], [], 0, 0
+    examples, formats, longest, truncated, without, cut_away = [], [], 0, 0, 0, 0
     for index, item in enumerate(records, 1):
         where, record = item if isinstance(item, tuple) else (f"record {index}", item)
         fmt = format or detect_format(record)
@@ -294,17 +472,23 @@ def encode(
                              f"got fields {sorted(record)}")
         check_record(record, fmt, where)
         formats.append(fmt)
+        record, capped = cap_record(record, fmt, max_length, truncate)
+        if capped and truncate == "error":
+            raise ValueError(f"{where}: a text field of over {max_length * CHARS_PER_TOKEN:,} characters, "
+                             f"longer than max_len {max_length} tokens hold (truncate='error')")
         ids, labels = encode_record(record, fmt, tokenizer, tokens, where)
-        longest = max(longest, len(ids))
-        if len(ids) > max_length:
-            if truncate == "error":
-                raise ValueError(f"{where}: example of {len(ids)} tokens is longer than max_len "
-                                 f"{max_length} (truncate='error')")
-            ids, labels, truncated = ids[:max_length], labels[:max_length], truncated + 1
+        longest, learns = max(longest, len(ids)), has_targets(labels)
+        if len(ids) > max_length and truncate == "error":
+            raise ValueError(f"{where}: example of {len(ids)} tokens is longer than max_len "
+                             f"{max_length} (truncate='error')")
+        truncated += capped or len(ids) > max_length
+        ids, labels = truncate_example(ids, labels, max_length, side=truncate, bos=tokenizer.bos_token_id)
+        if not has_targets(labels):
+            without, cut_away = without + 1, cut_away + learns
         examples.append((ids, labels))
     if not examples:
         raise ValueError("no records to encode")
-    return Encoded(examples, format or formats[0], longest, truncated, max_length)
+    return Encoded(examples, format or formats[0], longest, truncated, max_length, without, cut_away)
 
 
 def load(
@@ -313,14 +497,19 @@ def load(
     *,
     format: str | None = None,
     max_len: int = 2048,
-    truncate: str = "right",
+    truncate: str = "left",
     tokens: SpecialTokens | None = None,
+    max_record_bytes: int | None = None,
 ) -> Encoded:
-    """Read, check and encode a data file: `Encoded` with the examples and their statistics."""
-    fmt, located = read_records(path, format=format)
+    """Read, check and encode a data file: `Encoded` with the examples and their statistics.
+
+    Records are read and encoded one at a time (`iter_records`), so memory holds one
+    record's text at most besides the examples; `max_record_bytes` bounds that too.
+    """
+    fmt, records = iter_records(path, format=format, max_record_bytes=max_record_bytes)
     if fmt == "chat":
         require_chat_template(tokenizer, f"{path}: chat records")
-    return encode(located, tokenizer, max_length=max_len, format=fmt, truncate=truncate, tokens=tokens)
+    return encode(records, tokenizer, max_length=max_len, format=fmt, truncate=truncate, tokens=tokens)
 
 
 # --------------------------------------------------------------------------- batches
@@ -451,7 +640,7 @@ def class_batches(path: str | os.PathLike, encoded: Encoded, *, batch_size: int,
                   seq_len: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Batches in file order with `classes` [B]: each record's `label` of the file `encoded`
     was read from, numbered in sorted order (class-wise importance needs them)."""
-    records = read_jsonl(path, format=encoded.format)
+    records = read_jsonl(path, format=encoded.format, max_len=encoded.max_len)
     missing = next((i for i, r in enumerate(records) if "label" not in r), None)
     if missing is not None:
         raise ValueError(f"{path}: record {missing + 1} has no 'label' field "

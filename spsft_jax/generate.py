@@ -178,6 +178,11 @@ def complete(
     if not texts:
         return []
     tokens = tokens or data.special_tokens(tokenizer)
-    prompts = [data.chat_prompt(tokenizer, t) if chat else list(tokenizer(t)["input_ids"]) for t in texts]
+    prompts = [data.chat_prompt(tokenizer, t) if chat else data.encode_text(tokenizer, t) for t in texts]
+    new_tokens = options.get("max_new_tokens", 32)
+    for i, ids in enumerate(prompts, 1):
+        if len(ids) + new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"prompt {i}: {len(ids)} tokens, with max_new_tokens={new_tokens} more, exceed the "
+                             f"model's context of {cfg.max_position_embeddings} tokens")
     outputs = generate(cfg, params, prompts, stop_ids=tokens.stop, pad_id=tokens.pad, **options)
     return [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -102,10 +102,25 @@ def row_counts(attention_mask: jax.Array, fraction_or_count: float | int) -> jax
     if isinstance(fraction_or_count, numbers.Integral):
         return jnp.minimum(lengths, int(fraction_or_count))
     # A table over every possible length, in Python floats as the reference computes it.
-    f = float(fraction_or_count)
-    table = np.array([min(n, int(f * (n - 2)) + 2) for n in range(attention_mask.shape[1] + 1)],
+    table = np.array([row_count(n, fraction_or_count) for n in range(attention_mask.shape[1] + 1)],
                      np.int32)
     return jnp.asarray(table)[lengths]
+
+
+def row_count(n: int, fraction_or_count: float | int) -> int:
+    """Tokens a row of n real tokens keeps (see `row_counts`)."""
+    if isinstance(fraction_or_count, numbers.Integral):
+        return min(n, int(fraction_or_count))
+    return min(n, int(float(fraction_or_count) * (n - 2)) + 2)
+
+
+def reaches_loss(labels: Sequence[int], fraction_or_count: float | int) -> bool:
+    """Whether TokenTune's sampling can backpropagate through a loss-bearing token of an
+    example with these labels: the first and last tokens are always kept (the last
+    carries no loss), middle ones only when the row's count leaves room for them."""
+    n = len(labels)
+    carries = [labels[t + 1] != IGNORE_INDEX for t in range(n - 1)]  # position t predicts t + 1
+    return bool(carries[:1] and carries[0]) or (row_count(n, fraction_or_count) > 2 and any(carries[1:]))
 
 
 def sample_tokens(key: jax.Array, attention_mask: jax.Array, fraction_or_count: float | int, *,

@@ -15,7 +15,13 @@ The step takes `frozen` as a plain argument (never differentiated) and donates
 
     result = finetune(params, selection, batches, config=cfg, steps=20, learning_rate=1e-3)
     result.delta      # delta pytree (see spsft_jax.delta); merge(params, result.delta)
-    result.history    # [{"step", "loss", "learning_rate", "tokens", "step_s", "tokens_per_s"}, ...]
+    result.history    # [{"step", "loss", "learning_rate", "tokens", "loss_tokens", "step_s", ...}, ...]
+
+A checkpoint folder holds the orbax steps (the latest `keep_checkpoints`), `run.json`
+(what the state belongs to, checked on resume, and the caller's `checkpoint_info`), the
+run's `selection.safetensors` (SPSFT) and `history.json` (every step up to the latest
+checkpoint, across resumes). `restart=True` starts afresh beside an old folder and puts
+the new one in its place only once it holds its first checkpoint.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -388,9 +395,15 @@ def _batches(data: Iterable, steps: int, grad_accum: int, skip: int = 0):
 @dataclasses.dataclass
 class FinetuneResult:
     delta: Any
-    history: list[dict]
+    history: list[dict]            # the steps this call ran
     trainable_params: int
     config: TrainConfig
+    earlier_history: list[dict] = dataclasses.field(default_factory=list)  # before a resume
+
+    @property
+    def full_history(self) -> list[dict]:
+        """Every step of the run, those before a resume included."""
+        return self.earlier_history + self.history
 
 
 def finetune(
@@ -415,6 +428,9 @@ def finetune(
     callback: Callable[[dict], None] | None = None,
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 0,
+    keep_checkpoints: int | None = 3,
+    restart: bool = False,
+    checkpoint_info: Mapping[str, Any] | None = None,
     **train_options,
 ) -> FinetuneResult:
     """Fine-tune and return the trained delta and the per-step history.
@@ -434,6 +450,11 @@ def finetune(
     checkpoint_dir: save the trainable pytree and optimizer state there (orbax) every
         `checkpoint_every` steps and at the end; a run pointed at a folder holding a
         checkpoint resumes from its step (skipping the batches already seen).
+    keep_checkpoints: how many of the latest checkpoints to keep (None: all).
+    restart: start afresh even when `checkpoint_dir` holds checkpoints; they are kept
+        until this run has saved its first, which then takes the folder's place.
+    checkpoint_info: JSON-able notes recorded in `run.json` (not checked on resume), for
+        the caller to read back with `checkpoint.read_run_info`.
     train_options: further `TrainConfig` fields (warmup, schedule, weight_decay, grad_accum, seed...).
     """
     tc = TrainConfig(steps=steps, learning_rate=learning_rate, tokentune=tokentune, remat=remat,
@@ -447,14 +468,19 @@ def finetune(
     state = {"trainable": trainable, "opt_state": optimizer.init(trainable)}
     run = None if checkpoint_dir is None else run_info(config, trainable, method=method,
                                                        selection=selection, rank=rank, alpha=alpha)
-    checkpoints = Checkpoints(checkpoint_dir, checkpoint_every, run)
+    checkpoints = Checkpoints(checkpoint_dir, checkpoint_every, run, keep=keep_checkpoints,
+                              restart=restart, info=dict(checkpoint_info or {}),
+                              selection=selection if method == "spsft" else None, config=config)
     first, state = checkpoints.restore(state)
     state, history = train_loop(config, tc, optimizer, state, frozen, data, first=first, mesh=mesh,
                                 progress=progress, callback=callback, checkpoints=checkpoints)
     if not history and first < tc.steps:
         raise ValueError("data yielded no batches")
+    if history and not any(h["loss_tokens"] for h in history):
+        raise ValueError(f"no step saw a loss token in {len(history)} steps: every label was -100 "
+                         f"(or TokenTune selected none); nothing was trained")
     delta = deltas.combine(state["trainable"]["delta"], frozen["delta"])
-    return FinetuneResult(delta, history, deltas.num_trainable(delta), tc)
+    return FinetuneResult(delta, history, deltas.num_trainable(delta), tc, checkpoints.earlier)
 
 
 def train_loop(cfg: llama.LlamaConfig, tc: TrainConfig, optimizer: optax.GradientTransformation,
@@ -487,7 +513,7 @@ def train_loop(cfg: llama.LlamaConfig, tc: TrainConfig, optimizer: optax.Gradien
             callback(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         bar.update(1)
-        checkpoints.after_step(i + 1, tc.steps, state)
+        checkpoints.after_step(i + 1, tc.steps, state, record)
     bar.close()
     return state, history
 
@@ -496,24 +522,34 @@ def step_record(index: int, metrics: Mapping[str, jax.Array], tokens: int, secon
                 schedule: optax.Schedule) -> dict:
     """The history entry of step `index` (0-based) from the step's metrics."""
     return {"step": index + 1, "loss": float(metrics["loss"]), "learning_rate": float(schedule(index)),
-            "grad_norm": float(metrics["grad_norm"]), "tokens": tokens, "step_s": seconds,
-            "tokens_per_s": tokens / seconds}
+            "grad_norm": float(metrics["grad_norm"]), "tokens": tokens,
+            "loss_tokens": int(metrics["tokens"]), "step_s": seconds, "tokens_per_s": tokens / seconds}
 
 
 @dataclasses.dataclass
 class Checkpoints:
     """Where a run keeps its training state (`folder` None: nowhere), every how many
-    steps (and at the last), what it belongs to (`run_info`), and the steps it saved."""
+    steps (and at the last), what it belongs to (`run_info`), and the steps it saved.
+
+    restart: the folder's old checkpoints are not resumed; the run saves into a staging
+    folder beside it, which takes the folder's place at the first save."""
 
     folder: str | None
     every: int = 0
     run: dict | None = None
+    keep: int | None = None
+    restart: bool = False
+    info: dict = dataclasses.field(default_factory=dict)
+    selection: Any = None          # saved beside the state, so a resume trains the same rows
+    config: Any = None
     saved: list[int] = dataclasses.field(default_factory=list)  # latest last
     resumed_from: int = 0
+    earlier: list[dict] = dataclasses.field(default_factory=list)  # history before the resume
+    history: list[dict] = dataclasses.field(default_factory=list)
 
     def restore(self, state: dict) -> tuple[int, dict]:
         """(first step to run, state): the folder's latest checkpoint, else (0, state)."""
-        if self.folder is None:
+        if self.folder is None or self.restart:
             return 0, state
         from spsft_jax import checkpoint
 
@@ -521,15 +557,35 @@ class Checkpoints:
         if restored is None:
             return 0, state
         self.resumed_from = restored[0]
+        self.earlier = [h for h in checkpoint.read_history(self.folder) if h.get("step", 0) <= restored[0]]
+        self.history = list(self.earlier)
         return restored
 
-    def after_step(self, step: int, last: int, state: dict) -> None:
+    def after_step(self, step: int, last: int, state: dict, record: dict | None = None) -> None:
+        if record is not None:
+            self.history.append(record)
         if self.folder is None or not (step == last or (self.every and step % self.every == 0)):
             return
-        from spsft_jax import checkpoint
+        from spsft_jax import checkpoint, outputs
 
-        checkpoint.save_state(self.folder, step, state, run=self.run)
+        folder = outputs.staging_dir(self.folder) if self.restart else self.folder
+        if not self.saved:
+            self._first_files(folder)
+        run = {**self.run, "info": self.info} if self.run is not None else None
+        checkpoint.save_state(folder, step, state, run=run, keep=self.keep)
+        checkpoint.write_history(folder, self.history)
         self.saved.append(step)
+        if self.restart:
+            outputs.swap_in(folder, self.folder)
+            self.restart = False  # from here on the new folder is the run's
+
+    def _first_files(self, folder) -> None:
+        """What a resume needs besides the state: the rows this run trains."""
+        if self.selection is not None:
+            from spsft_jax import selection as selection_lib
+
+            file = Path(folder) / "selection.safetensors"
+            selection_lib.save(file, self.selection, cfg=self.config, overwrite=True)
 
     def fault(self, step: int, record: dict) -> None:
         _stop_on_fault(step, record, self.folder, self.saved, resumed_from=self.resumed_from)

@@ -1,8 +1,11 @@
-"""Records -> examples -> batches: formats, chat templates, special tokens, truncation,
-buckets, packing (against unpacked logits), evaluation, and the CLI's refusals."""
+"""Records -> examples -> batches: formats, chat templates, special tokens, truncation
+(left, right, error) and examples left without targets, hostile files (long lines, huge
+fields, bad bytes), buckets, packing (against unpacked logits), evaluation, and the CLI's
+refusals."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import jax
@@ -100,6 +103,192 @@ def test_truncation_counted_or_refused(tiny_tok):
     assert all(len(x) <= 8 for x, _ in enc.examples)
     with pytest.raises(ValueError, match=r"record 2: example of 12 tokens is longer than max_len 8"):
         data.encode(records, tiny_tok, max_length=8, truncate="error")
+    with pytest.raises(ValueError, match=r"truncate='middle': choose 'left', 'right' or 'error'"):
+        data.encode(records, tiny_tok, truncate="middle")
+
+
+def _whole(tok, record, fmt, max_length, side):
+    """The record tokenized whole, then truncated: what a capped record must still give."""
+    ids, labels = data.encode_record(record, fmt, tok, data.special_tokens(tok))
+    return data.truncate_example(ids, labels, max_length, side=side, bos=tok.bos_token_id)
+
+
+def test_left_truncation_drops_the_start_of_the_prompt_keeping_bos(tiny_tok):
+    record = {"prompt": "1 plus 2? " * 3, "response": "3!"}
+    full_ids, full_labels = data.encode([record], tiny_tok, max_length=1000).examples[0]
+    assert full_ids[0] == tiny_tok.bos_token_id and len(full_ids) == 34
+    enc = data.encode([record], tiny_tok, max_length=10)  # "left" by default
+    assert enc.examples[0] == (full_ids[:1] + full_ids[-9:], full_labels[:1] + full_labels[-9:])
+    assert _learned(tiny_tok, enc.examples[0]) == "3!</s>" and enc.truncated == 1
+    # "right" cuts the end, so the response goes; "error" refuses.
+    assert data.encode([record], tiny_tok, max_length=10, truncate="right").examples[0] == \
+        (full_ids[:10], full_labels[:10])
+    with pytest.raises(ValueError, match=r"record 1: example of 34 tokens is longer than max_len 10"):
+        data.encode([record], tiny_tok, max_length=10, truncate="error")
+    # A response longer than max_len: the whole prompt goes (BOS stays), then the end.
+    long = {"prompt": "p" * 5, "response": "r" * 20}
+    ids, labels = data.encode([long], tiny_tok, max_length=8).examples[0]
+    assert ids[0] == tiny_tok.bos_token_id and tiny_tok.decode(ids[1:]) == "r" * 7
+    assert labels == [IGNORE_INDEX] + ids[1:]
+    # Text is learned from its first token: nothing is a prompt, so the end is cut.
+    text_ids, text_labels = data.encode([{"text": "abcdefghij"}], tiny_tok, max_length=1000).examples[0]
+    assert data.encode([{"text": "abcdefghij"}], tiny_tok, max_length=5).examples[0] == \
+        (text_ids[:5], text_labels[:5])
+
+
+def test_truncate_example_without_bos_and_with_nothing_to_learn():
+    x = IGNORE_INDEX
+    assert data.truncate_example([1, 5, 6, 7, 8], [x, x, x, 7, 8], 4, bos=1) == ([1, 6, 7, 8], [x, x, 7, 8])
+    assert data.truncate_example([1, 5, 6, 7, 8], [x, x, x, 7, 8], 4, bos=None) == ([5, 6, 7, 8], [x, x, 7, 8])
+    assert data.truncate_example([5, 6, 7, 8], [x, x, x, x], 2, bos=5) == ([5, 8], [x, x])
+    assert data.truncate_example([1, 5, 6, 7, 8], [x, x, x, 7, 8], 4, side="right", bos=1) == \
+        ([1, 5, 6, 7], [x, x, x, 7])
+    assert data.truncate_example([1, 2], [x, 2], 5) == ([1, 2], [x, 2])
+
+
+def test_left_truncation_of_a_conversation_keeps_the_first_reply(smol_tok):
+    ids, labels = data.encode_chat(smol_tok, CHAT)
+    drop = 5
+    enc = data.encode([{"messages": CHAT}], smol_tok, max_length=len(ids) - drop)
+    assert ids[0] == smol_tok.bos_token_id  # the template's first token is BOS here, and stays
+    assert enc.examples[0] == (ids[:1] + ids[1 + drop:], labels[:1] + labels[1 + drop:])
+    assert _learned(smol_tok, enc.examples[0]) == _learned(smol_tok, (ids, labels))
+    # Cut past the prompt: the later turns are cut at the end.
+    first = next(i for i, y in enumerate(labels) if y != IGNORE_INDEX)
+    short = data.encode([{"messages": CHAT}], smol_tok, max_length=8).examples[0]
+    assert short == ([ids[0]] + ids[first:first + 7], [labels[0]] + labels[first:first + 7])
+
+
+def test_has_targets_skips_position_zero():
+    x = IGNORE_INDEX
+    assert not data.has_targets([]) and not data.has_targets([x, x]) and not data.has_targets([5, x])
+    assert data.has_targets([x, 5]) and data.has_targets([4, 5])
+
+
+def test_examples_without_targets_are_counted_not_refused(tiny_tok):
+    no_eos = data.SpecialTokens(eos=None, pad=0, stop=())
+    records = [{"prompt": "p" * 20, "response": "r"},   # cut away by "right" at 8 tokens
+               {"prompt": "p", "response": ""},         # nothing to learn (no EOS here)
+               {"prompt": "p", "response": "r"}]
+    enc = data.encode(records, tiny_tok, max_length=8, truncate="right", tokens=no_eos)
+    assert (enc.without_targets, enc.targets_cut, len(enc.examples)) == (2, 1, 3)
+    assert all(y == IGNORE_INDEX for y in enc.examples[1][1])
+    # "left" keeps the response; with EOS even an empty response teaches the end.
+    assert (data.encode(records, tiny_tok, max_length=8).without_targets,
+            data.encode(records, tiny_tok, max_length=8, truncate="right").targets_cut) == (0, 1)
+    # A lone learned token at position 0 is never predicted.
+    assert data.encode([{"text": ""}], tiny_tok, max_length=1).without_targets == 1
+    assert data.encode([{"text": ""}], tiny_tok, max_length=8).without_targets == 0
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def _words(seed, n_chars):
+    rng = np.random.default_rng(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat,", "and", "then", "slept.", "Why?", "42", "été", "\n"]
+    return " ".join(rng.choice(words, n_chars // 3))[:n_chars]
+
+
+def _texts(record):
+    return [m["content"] for m in record.get("messages", [])] + [v for v in record.values() if isinstance(v, str)]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_capped_fields_give_the_example_of_the_whole_record(tiny_tok, smol_tok, side):
+    big, small = _words(0, 200_000), _words(1, 40)
+    cases = [(tiny_tok, "prompt", {"prompt": big, "response": small}),
+             (smol_tok, "prompt", {"prompt": big, "response": small}),
+             (smol_tok, "prompt", {"prompt": small, "response": big}),
+             (smol_tok, "prompt", {"prompt": big, "response": _words(2, 200_000)}),
+             (smol_tok, "text", {"text": big}),
+             (tiny_tok, "alpaca", {"instruction": big, "input": _words(3, 200_000), "output": small}),
+             (smol_tok, "chat", {"messages": [
+                 {"role": "system", "content": big}, {"role": "user", "content": small},
+                 {"role": "assistant", "content": small}, {"role": "user", "content": _words(4, 200_000)},
+                 {"role": "assistant", "content": small}]})]
+    for tok, fmt, record in cases:
+        capped, cut = data.cap_record(record, fmt, 32, side)
+        assert cut and max(map(len, _texts(capped))) == 32 * data.CHARS_PER_TOKEN
+        enc = data.encode([record], tok, max_length=32, truncate=side)
+        assert enc.examples[0] == _whole(tok, record, fmt, 32, side), (fmt, tok.name_or_path)
+        assert enc.truncated == 1 and enc.longest > 32
+    # A record of ordinary size is left as it is, the very object.
+    record = {"prompt": small, "response": small}
+    assert data.cap_record(record, "prompt", 32, side) == (record, False)
+    assert data.cap_record(record, "prompt", 32, side)[0] is record
+
+
+class _Chunky:
+    """A tokenizer of one token per 1000 characters: more than CHARS_PER_TOKEN."""
+
+    bos_token_id = eos_token_id = pad_token_id = chat_template = None
+    name_or_path = "chunky"
+
+    def __call__(self, text, add_special_tokens, **options):
+        return {"input_ids": [7] * -(-len(text) // 1000)}
+
+
+def test_a_capped_field_counts_as_truncated_or_is_refused(tiny_tok):
+    # Even when the capped text fits, the example is not the whole record's.
+    enc = data.encode([{"text": "a" * 1000}, {"text": "a" * 5000}], _Chunky(), max_length=8)
+    assert enc.truncated == 1 and enc.examples == [([7], [7]), ([7, 7], [7, 7])]
+    with pytest.raises(ValueError, match=r"record 2: a text field of over 4,096 characters"):
+        data.encode([{"text": "a"}, {"text": "a" * 5000}], tiny_tok, max_length=32, truncate="error")
+
+
+def test_a_huge_line_loads_in_bounded_memory(tmp_path, tiny_tok):
+    import tracemalloc
+
+    path = _write(tmp_path / "huge.jsonl", [{"prompt": "ab " * 700_000, "response": "cd " * 700_000}])
+    tracemalloc.start()
+    try:
+        enc = data.load(path, tiny_tok, max_len=32)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * 2 ** 20, f"{peak / 2 ** 20:.0f} MiB for a 4 MB line"  # tokenized whole: ~120 MiB
+    assert enc.truncated == 1 and len(enc.examples[0][0]) == 32 and enc.without_targets == 0
+    # Records read for other uses hold the capped text only.
+    (_, record), = data.read_records(path, max_len=32)[1]
+    assert len(record["prompt"]) == len(record["response"]) == 32 * data.CHARS_PER_TOKEN
+    assert record["prompt"].endswith("ab ") and record["response"].startswith("cd ")
+
+
+def test_a_line_over_the_byte_limit_is_refused_naming_it(tmp_path):
+    path = tmp_path / "big.jsonl"
+    short = json.dumps({"text": "t"}) + "\n"
+    exact = json.dumps({"text": "x" * (1000 - 12)})
+    assert len(exact) == 1000
+    path.write_text(short + exact + "\r\n" + json.dumps({"text": "y" * 5000}) + "\n" + short)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:3: a record of over 1000 B \(the limit of a line\)"):
+        data.read_records(path, max_record_bytes=1000)
+    assert data.read_file_checked(path, max_record_bytes=5012) == ("text", 4)
+    assert data.record_byte_limit(32) == 16 * 2 ** 20  # small max_len: the floor
+    assert data.record_byte_limit(8192) == 128 * 8192 * data.CHARS_PER_TOKEN
+
+
+def test_the_file_check_names_the_line_at_fault(tmp_path):
+    good = json.dumps({"prompt": "p", "response": "r"}).encode() + b"\n"
+    cases = {
+        good + b'{"prompt": "caf\xe9", "response": "r"}\n': r":2: not UTF-8 text \(byte 15\)",
+        good + b"\n" + b'{"prompt": "p",\n': r":3: not valid JSON \(",
+        good + b'{"prompt": 5, "response": "r"}\n': r":2: field 'prompt' must be a string, found int",
+        good + b"[1]\n": r":2: expected a JSON object",
+        b"\n \n": r": no records",
+        b'[{"text": "a"},\n {"text": "\xff"}]': r":2: not UTF-8 text \(byte 11\)",
+    }
+    for i, (content, message) in enumerate(cases.items()):
+        path = tmp_path / f"case{i}.jsonl"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}{message}"):
+            data.read_file_checked(path)
+    # Records are checked lazily, as they are read.
+    path.write_bytes(good + b"{oops\n")
+    fmt, records = data.iter_records(path)
+    assert fmt == "prompt" and next(records)[0] == f"{path}:1"
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:2: not valid JSON"):
+        next(records)
 
 
 def test_batches_use_few_bucketed_shapes():
@@ -182,7 +371,7 @@ BAD = {
                           ":1: no assistant turn"),
     "no-chat-template": ([], {"messages": CHAT[1:3]}, None, "has no chat template"),
     "too-long": ([{"prompt": "a", "response": "b"}], {"prompt": "1 plus 2? " * 4, "response": "3!"},
-                 ["--max-len", "24", "--truncate", "error"], ":2: example of 44 tokens is longer than max_len 24"),
+                 ["--max-len", "24", "--truncate", "error"], ":2: example of 44 tokens is longer than "),
 }
 
 

@@ -2,6 +2,7 @@
 each checked against transformers / peft or against our own forward pass."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import jax
@@ -202,6 +203,153 @@ def test_bad_adapter_file_raises_value_error_naming_it(tmp_path, make):
         checkpoint.load_delta(path)
     message = str(info.value)
     assert str(path) in message and "\n" not in message
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_nonfinite_adapter_is_refused_naming_the_tensor(tmp_path, base, bad):
+    _, cfg, params = base
+    delta = spsft_delta(cfg)
+    w_f = np.array(delta["layers"]["mlp"]["up_proj"].w_f)
+    w_f[1, 2, 3] = bad
+    delta["layers"]["mlp"]["up_proj"] = delta["layers"]["mlp"]["up_proj"].replace(w_f=jnp.asarray(w_f))
+    path = checkpoint.save_delta(tmp_path / "adapter.safetensors", delta, cfg=cfg)
+
+    with pytest.raises(ValueError) as info:
+        checkpoint.load_delta(path, cfg=cfg, params=params)
+    message = str(info.value)
+    assert message.startswith(f"{path}: tensor 'layers/mlp/up_proj/w_f' holds NaN or Inf")
+    assert "allow_nonfinite=True" in message and "\n" not in message
+
+    loaded, _ = checkpoint.load_delta(path, cfg=cfg, params=params, allow_nonfinite=True)
+    _assert_same_delta(loaded, delta)
+
+
+def test_adapter_digest_is_the_files_sha256(tmp_path, base, monkeypatch):
+    _, cfg, _ = base
+    one = checkpoint.save_delta(tmp_path / "one.safetensors", spsft_delta(cfg, seed=1))
+    two = checkpoint.save_delta(tmp_path / "two.safetensors", spsft_delta(cfg, seed=2))
+    digest = checkpoint.adapter_digest(one)
+    assert digest == "sha256:" + hashlib.sha256(one.read_bytes()).hexdigest()
+    assert checkpoint.adapter_digest(str(one)) == digest
+    (tmp_path / "copy.safetensors").write_bytes(one.read_bytes())
+    assert checkpoint.adapter_digest(tmp_path / "copy.safetensors") == digest
+    assert checkpoint.adapter_digest(two) != digest
+    monkeypatch.setattr(checkpoint, "DIGEST_CHUNK_BYTES", 7)  # many chunks, the last one short
+    assert checkpoint.adapter_digest(one) == digest
+    with pytest.raises(ValueError, match="missing.safetensors"):
+        checkpoint.adapter_digest(tmp_path / "missing.safetensors")
+
+
+@pytest.fixture(scope="module")
+def merged_once(tmp_path_factory, base):
+    """(folder, adapter path, delta) of `base` with an SPSFT adapter merged by `save_merged`."""
+    folder, cfg, params = base
+    tmp = tmp_path_factory.mktemp("merged-once")
+    delta = spsft_delta(cfg, seed=3)
+    adapter = checkpoint.save_delta(tmp / "first.safetensors", delta, cfg=cfg)
+    out = sj.interop.save_merged(tmp / "merged", cfg, sj.merge(params, delta),
+                                 model_dir=folder, adapter_path=adapter)
+    return out, adapter, delta
+
+
+def _config(folder):
+    return json.loads((folder / "config.json").read_text())
+
+
+def test_merged_export_records_its_adapter(tmp_path, base, merged_once):
+    folder, cfg, params = base
+    out, adapter, delta = merged_once
+    digest = checkpoint.adapter_digest(adapter)
+    plain = sj.interop.save_hf(tmp_path / "plain", cfg, sj.merge(params, delta))
+
+    key = sj.interop.config.MERGED_ADAPTERS_KEY
+    recorded, unrecorded = _config(out), _config(plain)
+    assert recorded.pop(key) == [digest] and key not in unrecorded
+    assert recorded == unrecorded  # nothing else in config.json changes
+    assert sj.interop.merged_adapters(out) == (digest,)
+    assert sj.interop.merged_adapters(out / "config.json") == (digest,)
+    assert sj.interop.merged_adapters(folder) == sj.interop.merged_adapters(plain) == ()
+
+    # transformers loads the folder as the same model, keeps the record as an attribute,
+    # and writes it back when it saves the model.
+    model = _hf_load(out)
+    assert list(model.config.to_dict()[key]) == [digest]
+    logits = hf_logits(model, IDS, MASK)
+    np.testing.assert_array_equal(logits, hf_logits(_hf_load(plain), IDS, MASK))
+    assert rel_max_err(logits, _ours(cfg, params, delta)) < 1e-5
+    model.save_pretrained(tmp_path / "resaved")
+    assert sj.interop.merged_adapters(tmp_path / "resaved") == (digest,)
+
+    # ... and so do we.
+    cfg2, params2 = sj.interop.load_hf(out)
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, sj.merge(params, delta))
+
+
+def test_merged_adapter_is_not_applied_twice(tmp_path, base, merged_once):
+    folder, cfg, params = base
+    out, adapter, delta = merged_once
+    with pytest.raises(ValueError) as info:
+        sj.interop.check_not_merged(out, adapter)
+    message = str(info.value)
+    assert message.startswith(f"{adapter}: already merged into {out}")
+    assert checkpoint.adapter_digest(adapter) in message and "\n" not in message
+    other = checkpoint.save_delta(tmp_path / "other.safetensors", lora_delta(cfg), cfg=cfg)
+    sj.interop.check_not_merged(out, other)
+    sj.interop.check_not_merged(folder, adapter)
+
+    # save_merged checks before writing anything.
+    with pytest.raises(ValueError, match="already merged"):
+        sj.interop.save_merged(tmp_path / "twice", cfg, sj.merge(params, delta),
+                               model_dir=out, adapter_path=adapter)
+    assert not (tmp_path / "twice").exists()
+
+
+def test_second_merge_carries_both_adapters(tmp_path, merged_once):
+    out, first, _ = merged_once
+    cfg, params = sj.interop.load_hf(out)
+    delta = lora_delta(cfg, seed=4)
+    second = checkpoint.save_delta(tmp_path / "second.safetensors", delta, cfg=cfg)
+    merged = sj.merge(params, delta)
+    digests = (checkpoint.adapter_digest(first), checkpoint.adapter_digest(second))
+
+    twice = sj.interop.save_merged(tmp_path / "twice", cfg, merged, model_dir=out, adapter_path=second)
+    assert sj.interop.merged_adapters(twice) == digests
+    # The composition save_merged stands for, spelled out with save_hf.
+    spelled = sj.interop.save_hf(tmp_path / "spelled", cfg, merged, merged_adapters=(
+        sj.interop.merged_adapters(out) + (checkpoint.adapter_digest(second),)))
+    assert _config(spelled) == _config(twice)
+    for adapter in (first, second):
+        with pytest.raises(ValueError, match="already merged"):
+            sj.interop.check_not_merged(twice, adapter)
+
+
+def test_resaving_a_merged_model_keeps_its_record(tmp_path, merged_once):
+    out, adapter, _ = merged_once
+    cfg, params = sj.interop.load_hf(out)
+    digest = checkpoint.adapter_digest(adapter)
+    # Converted (here to bfloat16), the weights still hold the adapter: the record follows.
+    again = sj.interop.save_hf(tmp_path / "bf16", cfg, params, dtype=jnp.bfloat16)
+    assert sj.interop.merged_adapters(again) == (digest,)
+    cleared = sj.interop.save_hf(tmp_path / "cleared", cfg, params, merged_adapters=())
+    assert sj.interop.merged_adapters(cleared) == ()
+
+
+@pytest.mark.parametrize("record", [["first.safetensors"], "sha256:abc", [None]],
+                         ids=["path", "short", "none"])
+def test_save_hf_refuses_what_is_not_a_digest(tmp_path, base, record):
+    _, cfg, params = base
+    with pytest.raises(ValueError, match="merged_adapters: .* is not an adapter digest"):
+        sj.interop.save_hf(tmp_path / "out", cfg, params, merged_adapters=record)
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_record_is_refused_naming_the_file(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({sj.interop.config.MERGED_ADAPTERS_KEY: "sha256:" + "0" * 64}))
+    with pytest.raises(ValueError) as info:
+        sj.interop.merged_adapters(tmp_path)
+    assert str(info.value).startswith(f"{config}: ") and "\n" not in str(info.value)
 
 
 # --------------------------------------------------------------------------- PEFT adapters

@@ -42,6 +42,7 @@ def _assert_user_error(code, err, *named):
     assert code == 2, err
     assert len(lines) == 1, lines
     assert "Traceback" not in err
+    assert "=True" not in err, err  # the command line's words, not Python's
     for name in named:
         assert str(name) in lines[0], (name, lines[0])
 
@@ -395,20 +396,172 @@ def test_cli_checkpoints_and_resume(tmp_path, capsys):
     args = ["finetune", *FAST, "--out", out, "--checkpoint-every", "1"]
     assert _cli(capsys, *args, "--steps", "2")[0] == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "1", "2", "run.json", "selection.safetensors"]
+        "1", "2", "history.json", "run.json", "selection.safetensors"]
     assert _cli(capsys, *args, "--steps", "3", "--resume")[0] == 0
-    history = json.loads((out / "history.json").read_text())["history"]
-    assert [h["step"] for h in history] == [3]
+    summary = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3] and summary["steps"] == 3  # the whole run
     code, _, err = _cli(capsys, *args, "--steps", "3", "--resume")
-    _assert_user_error(code, err, "has done its 3 steps")
+    _assert_user_error(code, err, "has done 3 steps already")
     code, _, err = _cli(capsys, *args, "--steps", "4", "--resume", "--method", "lora")
-    _assert_user_error(code, err, "method")
+    _assert_user_error(code, err, "--method lora", "--method spsft")
     code, _, err = _cli(capsys, "finetune", *FAST, "--out", tmp_path / "new", "--resume")
     _assert_user_error(code, err, "--resume")
     assert not (tmp_path / "new").exists()
-    # A fresh run into the folder starts afresh: the old checkpoints are ours to replace.
-    assert _cli(capsys, "finetune", *FAST, "--out", out, "--steps", "1")[0] == 0
-    assert not (out / "checkpoints").exists()
+
+
+def test_resume_takes_the_options_it_is_not_given(tmp_path, capsys):
+    out = tmp_path / "lora"
+    assert _cli(capsys, "finetune", *FAST, "--method", "lora", "--rank", "2", "--lr", "0.003", "--steps", "3",
+                "--checkpoint-every", "1", "--out", out)[0] == 0
+    first = json.loads((out / "history.json").read_text())["history"]
+    shutil.rmtree(out / "checkpoints" / "3")  # as if stopped after step 2
+    # Neither --method, --rank nor --steps: the run's own (LoRA rank 2, 3 steps) go on.
+    code, printed, _ = _cli(capsys, "finetune", "--quiet", "--eval", "", "--out", out, "--resume")
+    assert code == 0, printed
+    summary = json.loads((out / "history.json").read_text())
+    assert summary["method"] == "lora" and [h["step"] for h in summary["history"]] == [1, 2, 3]
+    assert summary["history"][2]["learning_rate"] == first[2]["learning_rate"]  # the run's --lr
+
+
+def test_checkpoints_survive_a_rerun_until_it_has_its_own(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints"
+    assert _cli(capsys, "finetune", *FAST, "--out", out, "--steps", "3", "--checkpoint-every", "1",
+                "--keep", "2")[0] == 0
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["2", "3"]  # --keep 2
+    before = _tree(out)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Reruns with --overwrite that stop before their first checkpoint: nothing of the old run is lost.
+    monkeypatch.setattr(train, "step_record", interrupt)
+    for checkpointing in (["--checkpoint-every", "1"], []):
+        code, _, err = _cli(capsys, "finetune", *FAST, "--out", out, "--steps", "2", "--overwrite", *checkpointing)
+        assert code == 130
+        assert err.strip().splitlines() == [f"spsft-jax finetune: interrupted; the latest checkpoint is step 3 "
+                                            f"in {ckpt} (--resume continues)"]
+        assert _tree(out) == before
+    monkeypatch.undo()
+    # One that saves its first checkpoint replaces them.
+    assert _cli(capsys, "finetune", *FAST, "--out", out, "--steps", "2", "--checkpoint-every", "1",
+                "--overwrite")[0] == 0
+    assert sorted(p.name for p in ckpt.iterdir()) == ["1", "2", "history.json", "run.json", "selection.safetensors"]
+    assert sorted(os.listdir(out)) == [outputs.MARKER, "adapter.safetensors", "checkpoints", "history.json",
+                                       "selection.safetensors"]
+    # Without --checkpoint-every, they go (stale) only once the new run's outputs are written.
+    assert _cli(capsys, "finetune", *FAST, "--out", out, "--steps", "1", "--overwrite")[0] == 0
+    assert not ckpt.exists()
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_resume_finishes_the_run(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real = train.step_record
+
+    def stop_in_step_3(index, *args, **kwargs):
+        if index == 2:
+            raise KeyboardInterrupt
+        return real(index, *args, **kwargs)
+
+    monkeypatch.setattr(train, "step_record", stop_in_step_3)
+    code, _, err = _cli(capsys, "finetune", *FAST, "--out", out, "--steps", "4", "--checkpoint-every", "1")
+    assert code == 130 and len(err.strip().splitlines()) == 1
+    assert "interrupted; the latest checkpoint is step 2" in err
+    assert sorted(os.listdir(out)) == [outputs.MARKER, "checkpoints"]  # no adapter, no lock
+    monkeypatch.undo()
+    assert _cli(capsys, "finetune", *FAST, "--out", out, "--resume")[0] == 0  # its 4 steps
+    summary = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4]
+
+
+def test_a_folder_we_did_not_write_is_never_taken(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "7").write_text("their step 7")
+    # Without checkpointing the run writes beside their folder, and never lists it as ours.
+    assert _cli(capsys, "finetune", *FAST, "--steps", "1", "--out", out, "--overwrite")[0] == 0
+    assert "checkpoints" not in outputs.recorded(out)["run"]
+    assert _cli(capsys, "finetune", *FAST, "--steps", "1", "--out", out, "--overwrite")[0] == 0  # a rerun
+    assert (out / "checkpoints" / "7").read_text() == "their step 7"
+    code, _, err = _cli(capsys, "finetune", *FAST, "--steps", "1", "--out", out, "--resume")
+    _assert_user_error(code, err, "did not write (checkpoints)")
+    # The library refuses to put a folder of ours in the place of theirs.
+    with pytest.raises(ValueError, match="checkpoints/ was not written by spsft-jax"):
+        with outputs.output_dir(out, kind="run", overwrite=True) as tmp:
+            (tmp / "checkpoints").mkdir()
+    with pytest.raises(ValueError, match="checkpoints/ was not written by spsft-jax"):
+        outputs.claim_dir(out, ["checkpoints"], kind="run", overwrite=True)
+    assert (out / "checkpoints" / "7").read_text() == "their step 7"
+
+
+def test_a_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path, capsys, live_pid):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / outputs.LOCK).write_text("4194000 1\n")  # a writer that has ended
+    assert _cli(capsys, "finetune", *FAST, "--steps", "1", "--out", out)[0] == 0
+    assert not (out / outputs.LOCK).exists()
+    # A live writer's pid, but a start time not its own: the pid was reused, the lock is stale.
+    (out / outputs.LOCK).write_text(f"{live_pid} 1\n")
+    assert _cli(capsys, "finetune", *FAST, "--steps", "1", "--out", out)[0] == 0
+    with outputs.lock(tmp_path / "new" / "deeper"):
+        assert (tmp_path / "new" / "deeper" / outputs.LOCK).is_file()
+    assert not (tmp_path / "new").exists()  # the folders made for the lock go with it
+
+
+def test_examples_without_targets_are_left_out_with_one_warning(tmp_path, capsys):
+    long = {"prompt": "What is 1 plus 2 plus 3 plus 4? " * 3, "response": "10!"}
+    short = {"prompt": "1+2 ", "response": "3!"}  # BOS, 6 characters and EOS: 8 tokens
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [long, short] * 4))
+    code, printed, err = _cli(capsys, "finetune", *FAST, "--data", data, "--max-len", "8", "--truncate", "right",
+                              "--steps", "1", "--out", tmp_path / "right")
+    assert code == 0, err
+    assert "warning: 4 of 8 examples have no loss token (4 cut by --max-len 8); left out" in err
+    assert "4 prompt examples" in printed
+    # The default truncation cuts the prompt and keeps every response.
+    code, printed, err = _cli(capsys, "finetune", *FAST, "--data", data, "--max-len", "8", "--steps", "1",
+                              "--out", tmp_path / "left")
+    assert code == 0 and "warning" not in err and "8 prompt examples" in printed
+
+
+def test_a_run_without_loss_tokens_fails(small_model):
+    _, cfg, params = small_model
+    batch = _batch(cfg)
+    batch["labels"] = np.full_like(batch["input_ids"], -100)
+    with pytest.raises(ValueError, match="no step saw a loss token in 2 steps"):
+        train.finetune(params, _selection(cfg, params), [batch], config=cfg, steps=2)
+
+
+def test_a_full_disk_names_the_file_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import errno
+
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", **kw: Full(real(fd, mode, **kw)) if mode == "wb"
+                        else real(fd, mode, **kw))
+    out = tmp_path / "run"
+    code, _, err = _cli(capsys, "finetune", *FAST, "--steps", "1", "--out", out)
+    _assert_user_error(code, err, f"{out / 'adapter.safetensors'}: No space left on device")
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_a_non_finite_adapter_loads_when_allowed(bad_inputs, capsys):
+    code, printed, err = _cli(capsys, "generate", "--adapter", bad_inputs / "nan-adapter.safetensors",
+                              "--prompt", "1 plus 2 ", "--max-new-tokens", "2", "--allow-nonfinite")
+    assert code == 0, err
 
 
 def test_debug_raises_instead_of_one_line(tmp_path):
@@ -420,6 +573,18 @@ def test_debug_raises_instead_of_one_line(tmp_path):
 
 
 # --------------------------------------------------------------------------- bad input, one table
+
+
+@pytest.fixture(scope="module")
+def live_pid():
+    """The pid of another live process (a writer that holds a lock)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield child.pid
+    child.kill()
+    child.wait()
 
 
 @pytest.fixture(scope="module")
@@ -451,6 +616,31 @@ def bad_inputs(tmp_path_factory):
     checkpoint.save_delta(root / "other-model.safetensors",
                           deltas.rows_from_selection(other_params, wide), cfg=other)
     checkpoint.save_delta(root / "other-rows.safetensors", deltas.rows_from_selection(other_params, wide))
+    # A run interrupted after 2 of its steps, with rank 2 rows (what a rerun must not lose).
+    assert cli.main(["finetune", *FAST, "--rank", "2", "--steps", "2", "--checkpoint-every", "1",
+                     "--out", str(root / "ckpt-run")]) == 0
+    from spsft_jax import importance
+
+    reversed_rows = jax.tree.map(lambda x: -x, importance.magnitude(cfg, params, targets="all-linear"))
+    selection_lib.save(root / "other-rows-sel.safetensors", selection_lib.select(reversed_rows, rank=2), cfg=cfg)
+    # Adapters that must not be applied: one holding NaN, and one merged into a model already.
+    sel = selection_lib.select({"layers": {"mlp": {"up_proj": jnp.arange(
+        float(cfg.intermediate_size))[None].repeat(cfg.num_layers, 0)}}}, rank=2)
+    delta = deltas.rows_from_selection(params, sel)
+    up = delta["layers"]["mlp"]["up_proj"]
+    checkpoint.save_delta(root / "adapter.safetensors", delta, cfg=cfg)
+    bad = {"layers": {"mlp": {"up_proj": dataclasses.replace(up, w_f=up.w_f.at[1, 0, 3].set(jnp.nan))}}}
+    checkpoint.save_delta(root / "nan-adapter.safetensors", bad, cfg=cfg)
+    assert cli.main(["export", "--adapter", str(root / "adapter.safetensors"), "--out", str(root / "merged")]) == 0
+    # Data that trains nothing: long prompts whose responses --max-len 8 cuts on the right.
+    (root / "long-prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": "What is 1 plus 2 plus 3 plus 4? " * 3, "response": "10!"}) + "\n"
+                for _ in range(8)))
+    # One record of 17 MiB: far beyond what --max-len 32 could use, refused unread.
+    with open(root / "huge-line.jsonl", "w") as f:
+        f.write('{"prompt": "' + "1 plus 2 " * (17 * 2**20 // 9) + '", "response": "3!"}\n')
+    os.mkfifo(root / "a-pipe")
+    (root / "model.gguf").write_bytes(b"GGUF")
     return root
 
 
@@ -511,6 +701,63 @@ def _table():
                                                 "--prompt", "x"], ["intermediate_size"]),
         "generate no tokens": (["generate", "--prompt", "x", "--max-new-tokens", "0"], ["--max-new-tokens"]),
         "no such command": (["frobnicate"], ["frobnicate"]),
+        # A rerun never loses a run's checkpoints, and never takes a folder it did not write.
+        "rerun over checkpoints": ([m, *FAST, "--out", "{in}/ckpt-run", "--steps", "3"],
+                                   ["{in}/ckpt-run holds checkpoints up to step 2", "--resume", "--overwrite"]),
+        "their checkpoints folder": ([m, *FAST, "--out", "{work}/mine", "--overwrite", "--checkpoint-every", "1"],
+                                     ["{work}/mine", "checkpoints/", "not written by spsft-jax"]),
+        "another writer": ([m, *FAST, "--out", "{work}/busy"], ["{work}/busy", "another spsft-jax process"]),
+        "select beside another writer": (["select", "--metric", "magnitude", "--out", "{work}/busy-sel.safetensors"],
+                                         ["another spsft-jax process"]),
+        # A run that would train nothing.
+        "max-len cuts every response": ([m, *FAST, "--data", "{in}/long-prompts.jsonl", "--max-len", "8",
+                                         "--truncate", "right", "--out", "{work}/new"],
+                                        ["--max-len 8 cut every response"]),
+        "tokentune picks no loss token": ([m, *FAST, "--tokentune", "0.0001", "--out", "{work}/new"],
+                                          ["--tokentune 0.0001 picks no loss token in 512 examples"]),
+        # Adapters: not finite, given twice, merged already.
+        "adapter holds nan": (["generate", "--adapter", "{in}/nan-adapter.safetensors", "--prompt", "x"],
+                              ["layers/mlp/up_proj/w_f", "NaN", "--allow-nonfinite"]),
+        "adapter twice": (["generate", "--adapter", "{in}/adapter.safetensors", "--adapter",
+                           "{in}/other-rows.safetensors", "--prompt", "x"], ["--adapter given 2 times"]),
+        "export adapter twice": (["export", "--adapter", "{in}/adapter.safetensors", "--adapter",
+                                  "{in}/adapter.safetensors", "--out", "{work}/new"], ["--adapter given 2 times"]),
+        "adapter merged already": (["generate", "--model", "{in}/merged", "--adapter", "{in}/adapter.safetensors",
+                                    "--prompt", "x"], ["already merged into {in}/merged"]),
+        "export adapter merged already": (["export", "--model", "{in}/merged", "--adapter",
+                                           "{in}/adapter.safetensors", "--out", "{work}/new"],
+                                          ["already merged"]),
+        # Options never silently ignored.
+        "resume another rank": ([m, *FAST, "--out", "{in}/ckpt-run", "--resume", "--rank", "4", "--steps", "3"],
+                                ["--rank 4", "--rank 2"]),
+        "resume another method": ([m, *FAST, "--out", "{in}/ckpt-run", "--resume", "--method", "lora"],
+                                  ["--method lora", "--method spsft"]),
+        "resume with tokentune": ([m, *FAST, "--out", "{in}/ckpt-run", "--resume", "--tokentune", "0.5"],
+                                  ["--tokentune 0.5", "--tokentune"]),
+        "resume other targets": ([m, *FAST, "--out", "{in}/ckpt-run", "--resume", "--targets", "mlp"],
+                                 ["--targets mlp", "--targets all-linear"]),
+        "resume other rows": ([m, *FAST, "--out", "{in}/ckpt-run", "--resume", "--selection",
+                               "{in}/other-rows-sel.safetensors"], ["{in}/other-rows-sel.safetensors",
+                                                                    "holds other rows"]),
+        "resume with a ratio": ([m, *FAST, "--out", "{in}/ckpt-run", "--resume", "--ratio", "0.5"],
+                                ["--ratio 0.5", "no --ratio"]),
+        "resume done already": ([m, *FAST, "--out", "{in}/ckpt-run", "--resume", "--steps", "2"],
+                                ["has done 2 steps already", "--steps 2"]),
+        "resume done, steps recorded": ([m, *FAST, "--out", "{in}/ckpt-run", "--resume"],
+                                        ["has done 2 steps already"]),
+        "max-len above context": ([m, "--max-len", "4096", "--out", "{work}/new"],
+                                  ["--max-len 4096", "context of 64 tokens"]),
+        "seq-len above context": ([m, "--seq-len", "65", "--out", "{work}/new"], ["--seq-len 65"]),
+        "generate past the context": (["generate", "--prompt", "1 plus 2 " * 30], ["prompt 1", "context of 64"]),
+        "generate too many tokens": (["generate", "--prompt", "x", "--max-new-tokens", "64"],
+                                     ["--max-new-tokens 64", "context of 64"]),
+        # Small things.
+        "keep zero": ([m, "--keep", "0"], ["--keep"]),
+        "data record far too long": ([m, "--data", "{in}/huge-line.jsonl", "--max-len", "32"],
+                                     ["{in}/huge-line.jsonl:1", "16 MiB"]),
+        "data is a pipe": ([m, "--data", "{in}/a-pipe"], ["{in}/a-pipe", "named pipe"]),
+        "data is a device": ([m, "--data", "/dev/null"], ["/dev/null", "character device"]),
+        "model is a gguf": ([m, "--model", "{in}/model.gguf"], ["spsft-jax convert {in}/model.gguf"]),
     }
 
 
@@ -518,11 +765,17 @@ TABLE = _table()
 
 
 @pytest.mark.parametrize("case", list(TABLE))
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_inputs, tmp_path, capsys, monkeypatch):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_inputs, live_pid, tmp_path, capsys,
+                                                         monkeypatch):
     work = tmp_path / "work"
     (work / "theirs").mkdir(parents=True)
     (work / "theirs" / "keep.me").write_text("keep")
     (work / "file.txt").write_text("a file")
+    (work / "mine" / "checkpoints").mkdir(parents=True)  # a user's folder, named as ours are
+    (work / "mine" / "checkpoints" / "7").write_text("their step 7")
+    (work / "busy").mkdir()  # another process is writing here
+    for lock in (work / "busy" / outputs.LOCK, work / f".busy-sel.safetensors{outputs.LOCK}"):
+        lock.write_text(f"{live_pid} {outputs._start_time(live_pid)}\n")
     monkeypatch.chdir(work)  # the default --out (runs/finetune) lands here if a case forgets one
     args, named = TABLE[case]
     fill = lambda s: s.replace("{in}", str(bad_inputs)).replace("{work}", str(work))  # noqa: E731
