@@ -23,9 +23,9 @@ from typing import Iterator
 
 import numpy as np
 
-from spsft_jax import llama
+from spsft_jax import llama, quant
 from spsft_jax.interop.config import config_from_hf, config_to_hf
-from spsft_jax.interop.hf import _np_dtype, assemble, hf_names, save_hf
+from spsft_jax.interop.hf import LINEARS, _np_dtype, assemble, hf_names, save_hf
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # llama.cpp keeps Llama 3.1+ RoPE scaling only as per-frequency divisors in this tensor
@@ -112,8 +112,11 @@ def _rope_scaling(path: Path, reader, cfg: llama.LlamaConfig) -> llama.LlamaConf
                      "Llama 3 setting (factor 8 or 32, low/high 1/4, original context 8192)")
 
 
-def _tensors(path: Path, reader, cfg: llama.LlamaConfig) -> Iterator[tuple[Path, str, np.ndarray]]:
-    """(file, HF name, float32 array) for every tensor of the GGUF."""
+def _tensors(path: Path, reader, cfg: llama.LlamaConfig, *,
+             keep_blocks: bool = False) -> Iterator[tuple[Path, str, np.ndarray]]:
+    """(file, HF name, float32 array) for every tensor of the GGUF; with `keep_blocks`,
+    per-layer linear weights of a kind `spsft_jax.quant` reads come as their own blocks
+    (`quant.QuantizedWeight` of the file's bytes, q/k rows put back in HF order)."""
     gguf = _gguf()
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
     hf_of = {}
@@ -125,21 +128,38 @@ def _tensors(path: Path, reader, cfg: llama.LlamaConfig) -> Iterator[tuple[Path,
         if tensor.name == ROPE_FACTORS:
             continue  # read into the config by `_rope_scaling`
         name = hf_of.get(tensor.name, tensor.name)
-        weight = gguf.dequantize(tensor.data, tensor.tensor_type)
+        kind = quant.KIND_OF_GGML.get(int(tensor.tensor_type))
+        if keep_blocks and kind is not None and _is_layer_linear(name):
+            weight = quant.QuantizedWeight.from_bytes(np.asarray(tensor.data), kind)
+        else:
+            weight = gguf.dequantize(tensor.data, tensor.tensor_type)
         permuted = next((h for suffix, h in heads.items() if name.endswith(suffix)), None)
-        yield path, name, weight if permuted is None else unpermute(weight, permuted)
+        if permuted is not None and quant.is_quantized(weight):
+            weight = dataclasses.replace(weight, data=unpermute(weight.data, permuted))  # rows only
+        elif permuted is not None:
+            weight = unpermute(weight, permuted)
+        yield path, name, weight
 
 
-def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[llama.LlamaConfig, llama.Params]:
-    """Load a Llama GGUF as `(cfg, params)`, dequantized.
+def _is_layer_linear(name: str) -> bool:
+    return name.startswith("model.layers.") and name.rsplit(".", 2)[-2] in LINEARS
+
+
+def load_gguf(path: str | os.PathLike, dtype=None, *,
+              dequantize: bool = True) -> tuple[llama.LlamaConfig, llama.Params]:
+    """Load a Llama GGUF as `(cfg, params)`.
 
     dtype: the parameters' dtype (float32, bfloat16, float16); None gives float32,
     as transformers dequantizes.
+    dequantize: False keeps every per-layer linear weight in the file's own blocks
+        (`quant.QuantizedWeight`, dequantized layer by layer in the forward pass, the
+        same values as the dequantized load); the embedding, norms and head are float.
     """
     path, reader = _open(path)
     cfg = _rope_scaling(path, reader, config_from_hf(hf_config(path), source=str(path)))
     target = _np_dtype(dtype) if dtype is not None else np.dtype(np.float32)
-    return cfg, assemble(cfg, _tensors(path, reader, cfg), target, origin=path)
+    tensors = _tensors(path, reader, cfg, keep_blocks=not dequantize)
+    return cfg, assemble(cfg, tensors, target, origin=path)
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=None,

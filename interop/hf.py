@@ -13,6 +13,7 @@ never holds a second copy of the model.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,7 +29,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from spsft_jax import llama
+from spsft_jax import llama, quant
 from spsft_jax.checkpoint import adapter_digest
 from spsft_jax.interop.config import (MERGED_ADAPTERS_KEY, config_path, config_to_hf, merged_adapters,
                                       read_config)
@@ -235,7 +236,7 @@ def _checkpoint_dtype(files: list[Path]) -> np.dtype:
 
 
 def load_hf(path: str | os.PathLike, dtype=None, *, allow_nonfinite: bool = False,
-            mesh=None) -> tuple[llama.LlamaConfig, llama.Params]:
+            mesh=None, quantize: str | None = None) -> tuple[llama.LlamaConfig, llama.Params]:
     """Load an HF Llama checkpoint folder as `(cfg, params)`.
 
     dtype: the parameters' dtype (float32, bfloat16, float16); None keeps the checkpoint's.
@@ -246,39 +247,80 @@ def load_hf(path: str | os.PathLike, dtype=None, *, allow_nonfinite: bool = Fals
     every parameter is built already split by the sharding rules, each device's part read
     straight from the safetensors file(s), so host memory holds one device's slice of one
     tensor at a time, never the model (safetensors only).
+    quantize: "int8", "nf4" (or another `spsft_jax.quant` kind): every per-layer linear
+    weight is quantized as it is read (`quant.QuantizedWeight`, dequantized layer by layer
+    in the forward pass); embeddings, norms and the LM head stay float, as users expect.
     """
     folder = Path(path)
     cfg = read_config(folder / "config.json")
     files = _weight_files(folder)
     target = _np_dtype(dtype) if dtype is not None else _checkpoint_dtype(files)
+    if quantize is not None and mesh is not None:
+        raise NotImplementedError("load_hf: quantize= with mesh= is not supported yet; load quantized "
+                                  "on one device")
     if mesh is not None:
         return cfg, load_sharded(cfg, files, target, mesh, origin=folder,
                                  allow_nonfinite=allow_nonfinite)
     named = ((file, name, tensor) for file in files for name, tensor in _read_tensors(file))
-    return cfg, assemble(cfg, named, target, origin=folder, allow_nonfinite=allow_nonfinite)
+    return cfg, assemble(cfg, named, target, origin=folder, allow_nonfinite=allow_nonfinite,
+                         quantize=quantize)
 
 
-def assemble(cfg: llama.LlamaConfig, named, target, *, origin,
-             allow_nonfinite: bool = False) -> llama.Params:
+def assemble(cfg: llama.LlamaConfig, named, target, *, origin, allow_nonfinite: bool = False,
+             quantize: str | None = None) -> llama.Params:
     """The parameter pytree from `(file, HF name, array)` triples, each copied (as `target`)
     into its slot of a preallocated stacked buffer; every tensor must be there once and
-    finite (unless `allow_nonfinite`)."""
+    finite (unless `allow_nonfinite`).
+
+    A tensor may come quantized (`quant.QuantizedWeight` with host bytes, from a GGUF), and
+    with `quantize=` every per-layer linear weight is quantized as it arrives: either way
+    its layers' rows are stacked as bytes, and the float model is never held whole.
+    """
     expected = hf_names(cfg)
     shapes = {p: leaf.shape for p, leaf in leaf_paths(llama.param_shapes(cfg))}
     buffers = {p: _aligned_empty(shape, target) for p, shape in shapes.items()}
+    stacks: dict = {}  # leaf path -> QuantizedWeight of host bytes, all layers
     seen: set[str] = set()
     for file, name, tensor in named:
         slot = _slot(cfg, expected, shapes, file, name, tensor.shape)
         if slot is None:
             continue
         leaf_path, layer = slot
-        dest = buffers[leaf_path] if layer is None else buffers[leaf_path][layer]
-        if not _copy_finite(dest, tensor, target) and not allow_nonfinite:
+        if quantize is not None and layer is not None and leaf_path[-2] in LINEARS and \
+                not quant.is_quantized(tensor):
+            tensor = quant.quantize(np.asarray(tensor[...]).astype(np.float32), quantize, dtype=target)
+        if quant.is_quantized(tensor):
+            finite = _stack_rows(stacks, buffers, shapes, file, name, leaf_path, layer, tensor, target)
+        else:
+            dest = buffers[leaf_path] if layer is None else buffers[leaf_path][layer]
+            finite = _copy_finite(dest, tensor, target)
+        if not finite and not allow_nonfinite:
             raise ValueError(f"{file}: tensor {name!r} holds NaN or Inf values "
                              f"(allow_nonfinite=True / --allow-nonfinite loads it anyway)")
         seen.add(name)
     _check_complete(expected, seen, origin)
-    return nest({p: _to_device(buffers, p) for p in list(buffers)})
+    leaves = {p: _to_device(buffers, p) for p in list(buffers)}
+    leaves |= {p: dataclasses.replace(q, data=jax.device_put(q.data)) for p, q in stacks.items()}
+    return nest(leaves)
+
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _stack_rows(stacks: dict, buffers: dict, shapes: dict, file, name: str, leaf_path, layer,
+                tensor, target) -> bool:
+    """Copy one layer's quantized rows into its leaf's byte stack (made at the first
+    layer, when the kind and row size are known); whether they decode to finite values."""
+    stack = stacks.get(leaf_path)
+    if stack is None:
+        buffers.pop(leaf_path)  # this leaf is held as bytes, never as floats
+        data = _aligned_empty((shapes[leaf_path][0],) + tuple(tensor.data.shape), np.uint8)
+        stack = stacks[leaf_path] = dataclasses.replace(tensor, data=data, dtype=np.dtype(target).name)
+    if tensor.kind != stack.kind:
+        raise ValueError(f"{file}: tensor {name!r} is {tensor.kind} where the other layers' are "
+                         f"{stack.kind}; a stack of layers needs one kind (load it dequantized)")
+    stack.data[layer] = np.asarray(tensor.data)
+    return bool(np.isfinite(np.asarray(quant.dequantize(tensor))).all())
 
 
 def _slot(cfg: llama.LlamaConfig, expected: dict, shapes: dict, file, name: str, shape):
@@ -514,6 +556,7 @@ def save_hf(
     must have the shape `cfg` gives it.
     """
     _check_param_shapes(cfg, params)
+    params = quant.dequantize_tree(params)  # an HF folder holds float weights
     target = _np_dtype(dtype) if dtype is not None else None
     first = jax.tree_util.tree_leaves(params)[0]
     storage = target or _np_dtype(first.dtype)

@@ -41,9 +41,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-from spsft_jax import trees
+from spsft_jax import quant, trees
 from spsft_jax.llama import Params
 from spsft_jax.trees import set_nested
 
@@ -315,8 +316,13 @@ def validate(params: Params, delta: Any) -> None:
                                  f"(the model's {where} has {size})")
 
 
-def merge(params: Params, delta: Any, *, dtype=jnp.float32) -> Params:
+def merge(params: Params, delta: Any, *, dtype=jnp.float32, requantize: str | None = "rows") -> Params:
     """Fold every delta into its module: plain parameters, same structure as `params`.
+
+    A quantized weight (`quant.QuantizedWeight`) under a row delta stays quantized with
+    `requantize="rows"` (the default): only the trained rows are requantized, every other
+    row keeps its bytes. Under any other delta, or with `requantize=None`, it is merged
+    in float like any weight.
 
     Every sum is taken in float32; the merged model is stored in `dtype` (float32
     by default, whatever the base's dtype: small updates survive). `dtype=None`
@@ -332,21 +338,47 @@ def merge(params: Params, delta: Any, *, dtype=jnp.float32) -> Params:
     validate(params, delta)
 
     def store(x, like):
-        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        if quant.is_quantized(x) or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             return x
         return x.astype(jnp.result_type(like) if dtype is None else dtype)
 
-    merged = jax.tree.map(lambda x: store(x, x), params)
+    merged = jax.tree.map(lambda x: store(x, x), params, is_leaf=quant.is_quantized)
     for path, d in leaves(delta):
         if path == ("lm_head",) and "lm_head" not in params:
             raise ValueError("cannot merge an lm_head delta into tied embeddings; untie them first")
         # Stacked layers: fold each layer's slice of the delta into its slice of the weight.
         fold = jax.vmap(type(d).merge) if path[0] == "layers" else type(d).merge
         module = _module_at(params, path)
+        if quant.is_quantized(module.get("weight")):
+            if requantize == "rows" and isinstance(d, RowDelta):
+                merged = set_nested(merged, path, jax.tree.map(store, _merge_rows_quantized(d, module),
+                                                               module, is_leaf=quant.is_quantized))
+                continue
+            module = {**module, "weight": quant.dequantize(module["weight"], jnp.float32)}
         wide = jax.tree.map(lambda x: store(x, jnp.float32) if dtype is None else x.astype(jnp.float32),
                             module)
         merged = set_nested(merged, path, jax.tree.map(store, fold(d, wide), module))
     return merged
+
+
+def _merge_rows_quantized(d: RowDelta, module: dict) -> dict:
+    """`module` with its quantized weight's trained rows requantized (host, layer by layer:
+    one layer's float copy at a time); untrained rows keep their bytes."""
+    w = module["weight"]
+    stacked = w.ndim == 3
+    rows = np.asarray(d.rows).reshape((-1,) + d.rows.shape[-1:])
+    update = np.asarray(d.w_f, np.float32) * (1.0 if d.mask is None else np.asarray(d.mask)[..., None])
+    update = update.reshape((-1,) + d.w_f.shape[-2:])
+    data = np.array(w.data).reshape((-1,) + w.data.shape[-2:])
+    for layer in range(data.shape[0]):
+        weight = dataclasses.replace(w, data=data[layer])
+        chosen, slot = np.unique(rows[layer], return_inverse=True)
+        added = np.zeros((len(chosen), w.cols), np.float32)
+        np.add.at(added, slot, update[layer])  # padding slots repeat a row with a zero update
+        values = np.asarray(quant.dequantize(weight, jnp.float32))[chosen] + added
+        data[layer] = np.asarray(quant.quantize_rows(weight, chosen, values).data)
+    weight = dataclasses.replace(w, data=jnp.asarray(data.reshape(w.data.shape) if stacked else data[0]))
+    return _with_bias({**module, "weight": weight}, d.bias)
 
 
 def merge_report(params: Params, delta: Any, dtype=jnp.bfloat16) -> dict[str, float]:

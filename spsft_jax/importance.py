@@ -49,7 +49,7 @@ import numpy as np
 from flax import struct
 
 from spsft_jax import delta as delta_lib
-from spsft_jax import llama, losses
+from spsft_jax import llama, losses, quant
 from spsft_jax.data import normalize_batch
 from spsft_jax.trees import get, nest
 
@@ -77,10 +77,10 @@ def magnitude(cfg: llama.LlamaConfig, params: llama.Params, targets="all-linear"
 
 
 @jax.jit
-def _row_norms(weight: jax.Array) -> jax.Array:
+def _row_norms(weight) -> jax.Array:
     # Compiled, so the float32 copy and the squares fuse into the reduction: no
     # temporary the size of the weight (they are the largest arrays there are).
-    return jnp.linalg.norm(weight.astype(jnp.float32), axis=-1)
+    return jnp.linalg.norm(quant.dequantize(weight, jnp.float32), axis=-1)
 
 
 # --------------------------------------------------------------------------- Taylor

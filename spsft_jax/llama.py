@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from spsft_jax import quant
 from spsft_jax.trees import get as subtree  # a module's delta, or None where it has none
 
 Params = dict[str, Any]
@@ -213,7 +214,8 @@ def linear(x: jax.Array, module: Mapping[str, jax.Array], delta=None) -> jax.Arr
     """
     if getattr(delta, "folds", False):
         module, delta = delta.fold(module), None
-    y = jnp.einsum("...i,oi->...o", x, module["weight"])
+    # A quantized frozen weight is dequantized here, one layer's at a time inside the scan.
+    y = jnp.einsum("...i,oi->...o", x, quant.dequantize(module["weight"], x.dtype))
     if delta is not None:
         y = delta.apply(x, y)
     if "bias" in module:
