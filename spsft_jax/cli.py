@@ -40,7 +40,7 @@ def _load(args):
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
     return interop.load_hf(args.model, dtype=dtype, allow_nonfinite=getattr(args, "allow_nonfinite", False),
-                           mesh=getattr(args, "mesh", None))
+                           mesh=getattr(args, "mesh", None), quantize=getattr(args, "quantize", None))
 
 
 # Learning rates that suit pretrained checkpoints, per method (the embedded model's job
@@ -68,6 +68,8 @@ def _job_defaults(args) -> None:
         args.eval = None
     if getattr(args, "lr", "") is None:
         args.lr = DEFAULT_LR[args.method]
+    if getattr(args, "quantize", None) and "metric" not in getattr(args, "given", ()):
+        args.metric = "taylor-row"  # the element-wise form differentiates the weights themselves
     args.batch_size = args.batch_size or 8
     if getattr(args, "max_new_tokens", "") is None:
         args.max_new_tokens = 32
@@ -427,6 +429,7 @@ def _model_options(p, *, data: bool):
     p.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the model folder)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     if data:
+        _quantize_option(p)
         p.add_argument("--data", help="training records, JSONL or JSON (default: the embedded model's task)")
         p.add_argument("--format", choices=["chat", "alpaca", "prompt", "text"],
                        help="record format (default: detected from each file's first record)")
@@ -447,6 +450,12 @@ def _model_options(p, *, data: bool):
         p.add_argument("--remat", choices=REMAT_CHOICES, help=REMAT_HELP)
         p.add_argument("--mesh", help="devices as AXIS=SIZE over data and fsdp, e.g. data=2,fsdp=4 "
                                       "(batches split over both, weights over fsdp; default: one device)")
+
+
+def _quantize_option(p) -> None:
+    p.add_argument("--quantize", choices=["int8", "nf4"],
+                   help="hold the frozen linear weights quantized as they load (dequantized layer by "
+                        "layer; embeddings, norms and head stay float); scores default to taylor-row")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -490,6 +499,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="greedy continuation of prompts")
     _model_options(p, data=False)
+    _quantize_option(p)
     p.add_argument("--adapter", action="append", help="an adapter file (once)")
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--chat", action="store_true", help="each prompt is a user message, through the chat template")
@@ -702,10 +712,10 @@ def _check_update(args) -> None:
 
 RUN_ENTRIES = ("adapter.safetensors", "selection.safetensors", "history.json", "checkpoints")
 # Options a run records with its checkpoints: a resume takes those it is not given.
-RUN_OPTIONS = ("model", "tokenizer", "data", "format", "max_len", "truncate", "seq_len", "batch_size",
-               "targets", "metric", "rank", "ratio", "scope", "importance_batches", "remat", "method",
-               "selection", "steps", "lr", "pack", "warmup", "schedule", "weight_decay", "grad_accum",
-               "tokentune", "tune_norms", "update", "seed")
+RUN_OPTIONS = ("model", "quantize", "tokenizer", "data", "format", "max_len", "truncate", "seq_len",
+               "batch_size", "targets", "metric", "rank", "ratio", "scope", "importance_batches", "remat",
+               "method", "selection", "steps", "lr", "pack", "warmup", "schedule", "weight_decay",
+               "grad_accum", "tokentune", "tune_norms", "update", "seed")
 # ... of which these decide what is trained: a resume given another value is refused.
 FIXED_ON_RESUME = ("method", "rank", "ratio", "selection", "targets", "metric", "scope", "tokentune",
                    "tune_norms")

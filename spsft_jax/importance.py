@@ -223,6 +223,10 @@ def _taylor(cfg, params, batches, modules, *, form, average, classwise, num_clas
     if form == "row":
         return _row_taylor(params, batches, classwise=classwise, num_classes=num_classes, place=place,
                            **options)
+    if any(quant.is_quantized(x) for x in jax.tree.leaves(params, is_leaf=quant.is_quantized)):
+        raise NotImplementedError("form='elementwise' (metric taylor) differentiates the weights, which "
+                                  "quantized weights do not support yet: use metric taylor-row or "
+                                  "magnitude, or load the model dequantized")
     if layers_per_pass is None:  # a quarter of the layers: four passes over the data at most
         layers_per_pass = -(-cfg.num_layers // PASSES)
     if not isinstance(layers_per_pass, (int, np.integer)) or layers_per_pass < 1:

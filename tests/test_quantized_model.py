@@ -139,3 +139,46 @@ def test_merge_requantizes_only_the_trained_rows(quantized):
     # requantize=None: the float merge of the dequantized model.
     plain = deltas.merge(params, result.delta, requantize=None)["layers"]["mlp"]["up_proj"]["weight"]
     np.testing.assert_allclose(plain, floats, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("options", [
+    dict(method="lora", rank=2),
+    dict(tokentune=0.5),
+    dict(remat="nested", update="per-layer"),
+], ids=["lora", "tokentune", "per-layer"])
+def test_every_method_trains_on_quantized_weights_as_on_their_values(quantized, options):
+    _, cfg, params = quantized
+    floats = dequantized(params)
+    chosen = selection_lib.select(importance.magnitude(cfg, floats, targets="all-linear"), rank=4)
+    runs = [train.finetune(p, chosen, [_batch(cfg)], config=cfg, steps=2, learning_rate=1e-2, warmup=0,
+                           **options) for p in (params, floats)]
+    np.testing.assert_allclose([h["loss"] for h in runs[0].history], [h["loss"] for h in runs[1].history],
+                               rtol=1e-5)
+
+
+def test_row_taylor_scores_read_the_dequantized_model(quantized):
+    _, cfg, params = quantized
+    batches = [_batch(cfg, seed=s) for s in range(2)]
+    got = importance.scores(cfg, params, batches, metric="taylor-row", targets="mlp")
+    want = importance.scores(cfg, dequantized(params), batches, metric="taylor-row", targets="mlp")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8), got, want)
+
+
+def test_elementwise_taylor_on_quantized_weights_is_refused_in_one_line(quantized):
+    _, cfg, params = quantized
+    with pytest.raises(NotImplementedError, match="taylor-row or magnitude"):
+        importance.scores(cfg, params, [_batch(cfg)], metric="taylor", targets="mlp")
+
+
+def test_the_command_line_trains_on_an_int8_base_and_the_adapter_fits_the_float_model(tmp_path, capsys):
+    from spsft_jax import cli
+
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--quantize", "int8", "--steps", "3", "--eval", "", "--quiet",
+                     "--batch-size", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 steps" in printed
+    assert cli.main(["generate", "--adapter", str(out / "adapter.safetensors"), "--prompt", "1 plus 2 ",
+                     "--max-new-tokens", "2"]) == 0
+    assert cli.main(["generate", "--quantize", "int8", "--adapter", str(out / "adapter.safetensors"),
+                     "--prompt", "1 plus 2 ", "--max-new-tokens", "2"]) == 0

@@ -753,6 +753,7 @@ def _table():
                                      ["--max-new-tokens 64", "context of 64"]),
         # Small things.
         "keep zero": ([m, "--keep", "0"], ["--keep"]),
+        "quantize blocks do not fit": ([m, "--quantize", "nf4", "--out", "{work}/new"], ["(256, 96)", "nf4"]),
         "data record far too long": ([m, "--data", "{in}/huge-line.jsonl", "--max-len", "32"],
                                      ["{in}/huge-line.jsonl:1", "16 MiB"]),
         "data is a pipe": ([m, "--data", "{in}/a-pipe"], ["{in}/a-pipe", "named pipe"]),

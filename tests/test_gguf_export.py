@@ -1,0 +1,219 @@
+"""`interop.save_gguf`: params back into the GGUF they came from, byte for byte where unchanged."""
+from __future__ import annotations
+
+import dataclasses
+import filecmp
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from spsft_jax import delta as delta_lib  # noqa: E402
+from spsft_jax import importance, llama, quant, selection, trees  # noqa: E402
+from spsft_jax.interop import load_gguf, save_gguf  # noqa: E402
+from spsft_jax.interop.gguf_file import permute, unpermute  # noqa: E402
+
+
+def _tensors(path) -> dict[str, tuple[int, np.ndarray]]:
+    reader = gguf.GGUFReader(path)
+    return {t.name: (int(t.tensor_type), np.asarray(t.data).view(np.uint8)) for t in reader.tensors}
+
+
+def _fields(path) -> dict[str, tuple]:
+    reader = gguf.GGUFReader(path)
+    return {k: (tuple(f.types), [bytes(np.asarray(p).tobytes()) for p in f.parts])
+            for k, f in reader.fields.items()}
+
+
+# --------------------------------------------------------------------------- fast
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 8])
+def test_permute_inverts_unpermute(heads):
+    rows = heads * 2 * 5
+    x = np.random.default_rng(0).standard_normal((rows, 7)).astype(np.float32)
+    assert np.array_equal(permute(unpermute(x, heads), heads), x)
+    assert np.array_equal(unpermute(permute(x, heads), heads), x)
+    assert not np.array_equal(permute(x, heads), x)
+    b = np.arange(rows * 3, dtype=np.uint8).reshape(rows, 3)  # rows of bytes move alike
+    assert np.array_equal(permute(unpermute(b, heads), heads), b)
+
+
+def _tiny_gguf(path, *, tied=False):
+    """A small llama GGUF as llama.cpp lays it out: Q8_0 linears, F16 embedding, F32 norms."""
+    rng = np.random.default_rng(1)
+    d, ff, layers, heads, kv, vocab = 64, 128, 2, 4, 2, 48
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(128)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(vocab)
+    w.add_string("general.name", "tiny")
+
+    def q8(shape):
+        return np.asarray(quant.quantize(rng.standard_normal(shape).astype(np.float32) * 0.1, "Q8_0").data)
+
+    w.add_tensor("token_embd.weight", rng.standard_normal((vocab, d)).astype(np.float16))
+    hd = d // heads
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", (1 + 0.1 * rng.standard_normal(d)).astype(np.float32))
+        for name, shape in [("attn_q", (d, d)), ("attn_k", (kv * hd, d)), ("attn_v", (kv * hd, d)),
+                            ("attn_output", (d, d)), ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)),
+                            ("ffn_down", (d, ff))]:
+            w.add_tensor(f"blk.{i}.{name}.weight", q8(shape), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", (1 + 0.1 * rng.standard_normal(d)).astype(np.float32))
+    w.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    if not tied:
+        w.add_tensor("output.weight", q8((vocab, d)), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_tiny_round_trip_is_byte_identical(tmp_path, tied, dequantize):
+    src = _tiny_gguf(tmp_path / "tiny.gguf", tied=tied)
+    cfg, params = load_gguf(src, dequantize=dequantize)
+    out = save_gguf(tmp_path / "out" / "tiny.gguf", cfg, params, like=src)
+    assert filecmp.cmp(src, out, shallow=False)
+    assert ("output.weight" in _tensors(out)) == (not tied)
+
+
+def test_tiny_changed_floats_are_written_in_like_types(tmp_path):
+    src = _tiny_gguf(tmp_path / "tiny.gguf")
+    cfg, params = load_gguf(src, dequantize=True)  # all float: linears requantized on write
+    changed = jax.tree.map(lambda x: x, params)
+    changed["norm"]["weight"] = params["norm"]["weight"] * 2
+    changed["embed_tokens"]["weight"] = params["embed_tokens"]["weight"].at[3].add(0.5)
+    q = changed["layers"]["self_attn"]["q_proj"]["weight"]
+    changed["layers"]["self_attn"]["q_proj"]["weight"] = q.at[1, 5].add(0.25)
+    out = save_gguf(tmp_path / "changed.gguf", cfg, changed, like=src)
+    before, after = _tensors(src), _tensors(out)
+    assert [n for n in before] == [n for n in after]
+    assert {n: t for n, (t, _) in before.items()} == {n: t for n, (t, _) in after.items()}
+    differ = {n for n in before if not np.array_equal(before[n][1], after[n][1])}
+    assert differ == {"output_norm.weight", "token_embd.weight", "blk.1.attn_q.weight"}
+    _, back = load_gguf(out)
+    for path in [("norm", "weight"), ("embed_tokens", "weight")]:
+        np.testing.assert_allclose(trees.get(back, *path), trees.get(changed, *path), atol=1e-3)
+    qb, qc = back["layers"]["self_attn"]["q_proj"]["weight"], changed["layers"]["self_attn"]["q_proj"]["weight"]
+    np.testing.assert_allclose(qb, qc, atol=0.02)  # Q8_0 step
+    # only the changed row of the q tensor (in llama.cpp's row order) differs
+    rows_changed = np.flatnonzero((before["blk.1.attn_q.weight"][1] != after["blk.1.attn_q.weight"][1]).any(-1))
+    heads = cfg.num_heads
+    assert rows_changed.tolist() == [int(np.flatnonzero(permute(np.arange(cfg.hidden_size), heads) == 5)[0])]
+
+
+def test_foreign_file_is_not_overwritten(tmp_path):
+    from spsft_jax.outputs import OutputError
+
+    src = _tiny_gguf(tmp_path / "tiny.gguf")
+    cfg, params = load_gguf(src, dequantize=False)
+    target = tmp_path / "taken.gguf"
+    target.write_bytes(b"not ours")
+    with pytest.raises(OutputError):
+        save_gguf(target, cfg, params, like=src)
+    assert target.read_bytes() == b"not ours"
+    save_gguf(target, cfg, params, like=src, overwrite=True)
+    assert filecmp.cmp(src, target, shallow=False)
+
+
+# --------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2_quantized(smollm2_gguf):
+    return load_gguf(smollm2_gguf, dequantize=False)
+
+
+@pytest.fixture(scope="module")
+def smollm2_merged(smollm2_quantized, smollm2_gguf, tmp_path_factory):
+    """SmolLM2 with a rank-4 row delta on every mlp linear merged in, exported as GGUF."""
+    cfg, params = smollm2_quantized
+    sel = selection.select(importance.magnitude(cfg, params, targets="mlp"), rank=4)
+    d = delta_lib.rows_from_selection(params, sel)
+    key = iter(jax.random.split(jax.random.key(0), 8))
+    d = jax.tree.map(lambda x: x, d, is_leaf=delta_lib.is_delta)
+    for path, rd in delta_lib.leaves(d):
+        rd = dataclasses.replace(rd, w_f=0.05 * jax.random.normal(next(key), rd.w_f.shape, jnp.float32))
+        d = trees.set_nested(d, path, rd)
+    merged = delta_lib.merge(params, d)
+    out = save_gguf(tmp_path_factory.mktemp("gguf-export") / "merged.gguf", cfg, merged, like=smollm2_gguf)
+    return cfg, sel, merged, out
+
+
+@pytest.mark.slow
+def test_smollm2_round_trip_is_byte_identical(smollm2_quantized, smollm2_gguf, tmp_path):
+    cfg, params = smollm2_quantized
+    out = save_gguf(tmp_path / "same.gguf", cfg, params, like=smollm2_gguf)
+    before, after = _tensors(smollm2_gguf), _tensors(out)
+    assert list(before) == list(after)
+    for name in before:
+        assert before[name][0] == after[name][0], name
+        assert np.array_equal(before[name][1], after[name][1]), name
+    assert _fields(smollm2_gguf) == _fields(out)
+    assert filecmp.cmp(smollm2_gguf, out, shallow=False)  # the whole file
+
+
+@pytest.mark.slow
+def test_smollm2_merged_rows_only_differ(smollm2_merged, smollm2_gguf, record_property):
+    cfg, sel, merged, out = smollm2_merged
+    before, after = _tensors(smollm2_gguf), _tensors(out)
+    assert list(before) == list(after)
+    assert _fields(smollm2_gguf) == _fields(out)
+    names = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    rows_of = {names[m]: np.asarray(trees.get(sel, "layers", "mlp", m)["rows"]) for m in names}
+    changed_rows = 0
+    for name, (ttype, data) in before.items():
+        new = after[name][1]
+        assert after[name][0] == ttype, name
+        parts = name.split(".")
+        if parts[0] == "blk" and parts[2] in rows_of:
+            trained = set(rows_of[parts[2]][int(parts[1])].tolist())
+            differ = set(np.flatnonzero((data != new).any(-1)).tolist())
+            assert differ <= trained, (name, differ - trained)
+            changed_rows += len(differ)
+        else:
+            assert np.array_equal(data, new), name
+    assert changed_rows > 0.9 * 3 * 4 * cfg.num_layers  # almost every trained row moved a step
+    total = sum(d.nbytes for _, d in before.values())
+    same = sum(int((d == after[n][1]).sum()) for n, (_, d) in before.items())
+    record_property("unchanged_byte_fraction", same / total)
+    print(f"unchanged tensor bytes after the rank-4 mlp merge: {same / total:.6f} ({total - same} of {total} differ)")
+    assert same / total > 0.99
+
+    _, back = load_gguf(out, dequantize=False)
+    flat_back = trees.flatten(back, stop=quant.is_quantized)
+    for path, leaf in trees.flatten(merged, stop=quant.is_quantized).items():
+        if quant.is_quantized(leaf):
+            assert flat_back[path].kind == leaf.kind
+            assert np.array_equal(np.asarray(flat_back[path].data), np.asarray(leaf.data)), path
+        else:
+            assert np.array_equal(np.asarray(flat_back[path]), np.asarray(leaf)), path
+
+
+@pytest.mark.slow
+def test_smollm2_export_read_by_transformers(smollm2_merged):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg, _, _, out = smollm2_merged
+    ids = np.array([[1, 504, 3458, 314, 260, 8525, 28, 2]], np.int32)
+    model = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    ours = np.asarray(llama.forward(cfg, load_gguf(out)[1], jnp.asarray(ids)), np.float32)
+    err = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    print(f"transformers vs spsft_jax logits on the exported GGUF: max relative error {err:.2e}")
+    assert err < 1e-4
