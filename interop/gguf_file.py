@@ -175,3 +175,158 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dt
         GenerationConfig.from_model_config(LlamaConfig.from_dict(config_to_hf(cfg))).save_pretrained(
             tokenizer_dir)
         return save_hf(out_dir, cfg, params, tokenizer_from=tokenizer_dir, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------- writing GGUF
+
+def permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's reordering of q/k rows (HF's first-half/second-half rotary layout
+    interleaved per head): the inverse of `unpermute`. Works on float rows and on rows
+    of quantized bytes alike (only the leading, row axis moves)."""
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+# Fields GGUFWriter writes itself (the header); every other key/value is copied.
+_HEADER_FIELDS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")
+
+
+def _field_value(field, gguf):
+    """(value, type, sub type) of a GGUFReader field, as GGUFWriter.add_key_value takes them;
+    strings stay bytes, so they are written back exactly as read."""
+    vtype = field.types[0]
+    if vtype == gguf.GGUFValueType.ARRAY:
+        sub = field.types[1] if len(field.types) > 1 else None
+        if sub == gguf.GGUFValueType.STRING:
+            items = [bytes(field.parts[i]) for i in field.data]
+        else:
+            items = [field.parts[i][0] for i in field.data]
+        return items, vtype, sub
+    if vtype == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]), vtype, None
+    return field.parts[field.data[0]][0], vtype, None
+
+
+def _param_of(cfg: llama.LlamaConfig, gguf, params) -> dict[str, tuple]:
+    """GGUF tensor name -> (our leaf, layer or None, q/k heads or None)."""
+    from spsft_jax.trees import flatten
+
+    flat = flatten(params, stop=quant.is_quantized)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
+    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+    out = {}
+    for name, (path, layer) in hf_names(cfg).items():
+        module, kind = name.rsplit(".", 1)
+        leaf = flat[path]
+        h = heads.get(path[-2]) if path[0] == "layers" else None
+        out[f"{name_map.get_name(module)}.{kind}"] = (leaf, layer, h)
+    return out
+
+
+def _float_bytes(values: np.ndarray, tensor, gguf) -> np.ndarray:
+    """`values` (float, numpy row order) as the bytes of `tensor`'s ggml type; `tensor`'s
+    own bytes where `values` are what they decode to (in `values`' dtype)."""
+    ttype = tensor.tensor_type
+    stored = np.asarray(tensor.data)
+    if values.shape == stored.shape and values.dtype == stored.dtype and np.array_equal(values, stored):
+        return stored.view(np.uint8)  # F32/F16 like tensors, unchanged
+    like = np.asarray(gguf.dequantize(tensor.data, ttype), np.float32).reshape(values.shape)
+    if np.array_equal(values, like.astype(values.dtype)):
+        return stored.view(np.uint8)
+    x = values.astype(np.float32)
+    if ttype == gguf.GGMLQuantizationType.F32:
+        return x.view(np.uint8)
+    if ttype == gguf.GGMLQuantizationType.F16:
+        return x.astype(np.float16).view(np.uint8)
+    if ttype == gguf.GGMLQuantizationType.BF16:
+        import ml_dtypes
+
+        return x.astype(ml_dtypes.bfloat16).view(np.uint8)
+    kind = quant.KIND_OF_GGML.get(int(ttype))
+    if kind is None:
+        raise ValueError(f"tensor {tensor.name!r}: changed values cannot be written as "
+                         f"{ttype.name} (not a kind spsft_jax.quant writes)")
+    return np.asarray(quant.quantize(x, kind).data)
+
+
+def _tensor_bytes(tensor, slot, gguf) -> np.ndarray:
+    """The bytes to write for GGUF tensor `tensor` from our parameter `slot`."""
+    leaf, layer, heads = slot
+    kind = quant.KIND_OF_GGML.get(int(tensor.tensor_type))
+    if quant.is_quantized(leaf) and leaf.kind == kind:
+        rows = np.asarray(leaf.data if layer is None else leaf.data[layer])
+        return permute(rows, heads) if heads is not None else rows
+    values = np.asarray(quant.dequantize(leaf) if quant.is_quantized(leaf) else leaf)
+    if layer is not None:
+        values = values[layer]
+    if heads is not None:
+        values = permute(values, heads)
+    if values.dtype not in (np.float32, np.float16) and values.dtype.name != "bfloat16":
+        values = values.astype(np.float32)
+    return _float_bytes(values, tensor, gguf)
+
+
+def save_gguf(out_path: str | os.PathLike, cfg: llama.LlamaConfig, params: llama.Params, *,
+              like: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `params` as a GGUF laid out as `like` (the GGUF they were loaded from).
+
+    Every metadata key/value of `like` is copied with its type; the tensors come in
+    `like`'s order, names and ggml types. Quantized per-layer linears of the same kind are
+    written as their bytes (q/k rows put back in llama.cpp's order, `permute`); float
+    parameters that still decode-equal `like`'s tensor keep `like`'s bytes, others are
+    written as F32/F16/BF16 or quantized (`quant.quantize`) to `like`'s type. So params
+    loaded with `load_gguf(like, dequantize=False)` and merged with a row delta differ
+    from `like` only in the trained rows. Written beside `out_path` and renamed into
+    place; an existing file is replaced only with `overwrite=True` (or when spsft-jax
+    recorded it as its own).
+    """
+    from spsft_jax.outputs import output_file
+
+    gguf = _gguf()
+    like_path, reader = _open(like)
+    version = int(reader.fields["GGUF.version"].parts[-1][0])
+    if version != gguf.GGUF_VERSION:
+        raise ValueError(f"{like_path}: GGUF version {version}; only version {gguf.GGUF_VERSION} "
+                         "files are written")
+    slots = _param_of(cfg, gguf, params)
+    names = {t.name for t in reader.tensors}
+    missing = sorted(set(slots) - names)
+    if missing:
+        raise ValueError(f"{like_path}: has no tensor(s) {', '.join(missing[:5])} of these params "
+                         "(is it the GGUF they were loaded from?)")
+    unknown = [t.name for t in reader.tensors if t.name not in slots and t.name != ROPE_FACTORS]
+    if unknown:
+        raise ValueError(f"{like_path}: tensor(s) {', '.join(unknown[:5])} have no parameter here")
+
+    writer = gguf.GGUFWriter(None, _architecture(like_path, reader))
+    writer.kv_data[0].clear()  # copied below, in `like`'s order
+    for key, field in reader.fields.items():
+        if key in _HEADER_FIELDS:
+            continue
+        value, vtype, sub = _field_value(field, gguf)
+        writer.add_key_value(key, value, vtype, sub)
+        if key == gguf.Keys.General.ALIGNMENT:
+            writer.data_alignment = int(value)
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dims innermost first
+        writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes),
+                               raw_dtype=t.tensor_type)
+
+    with output_file(out_path, "wb", overwrite=overwrite) as f:
+        writer.fout = [f]
+        writer.state = gguf.gguf_writer.WriterState.EMPTY
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in reader.tensors:
+            if t.name in slots:
+                data = np.ascontiguousarray(_tensor_bytes(t, slots[t.name], gguf)).view(np.uint8)
+            else:
+                data = np.asarray(t.data).view(np.uint8)  # RoPE factors: kept as they are
+            if data.nbytes != int(t.n_bytes):
+                raise ValueError(f"tensor {t.name!r}: {data.nbytes} bytes to write, "
+                                 f"{like_path} has {int(t.n_bytes)}")
+            writer.write_tensor_data(data)
+        f.flush()
+        writer.fout = None
+    return Path(out_path)
