@@ -4,6 +4,10 @@
     convert_gguf("model.gguf", "out")     ->  out/ an HF folder: config.json, model.safetensors,
                                               tokenizer.json, tokenizer_config.json (chat template),
                                               generation_config.json
+    load_gguf("model.gguf", dequantize=False)  ->  linears kept in the file's blocks (quant.QuantizedWeight)
+    save_gguf("out.gguf", cfg, params, like="model.gguf")  ->  the same file with params' tensors:
+                                              metadata, tokenizer, tensor order and types of `like`;
+                                              every row a merge did not touch keeps its bytes
 
 The config and the tokenizer are read by transformers (`gguf_file=`), so they are
 exactly what `from_pretrained(folder, gguf_file=name)` sees; the config then goes
