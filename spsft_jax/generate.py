@@ -168,6 +168,7 @@ def complete(
     *,
     chat: bool = False,
     tokens=None,
+    max_new_tokens: int = 32,
     **options,
 ) -> list[str]:
     """Decoded continuations of `texts`: as raw prompts (with the tokenizer's own BOS), or
@@ -179,10 +180,10 @@ def complete(
         return []
     tokens = tokens or data.special_tokens(tokenizer)
     prompts = [data.chat_prompt(tokenizer, t) if chat else data.encode_text(tokenizer, t) for t in texts]
-    new_tokens = options.get("max_new_tokens", 32)
     for i, ids in enumerate(prompts, 1):
-        if len(ids) + new_tokens > cfg.max_position_embeddings:
-            raise ValueError(f"prompt {i}: {len(ids)} tokens, with max_new_tokens={new_tokens} more, exceed the "
-                             f"model's context of {cfg.max_position_embeddings} tokens")
-    outputs = generate(cfg, params, prompts, stop_ids=tokens.stop, pad_id=tokens.pad, **options)
+        if len(ids) + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"prompt {i}: {len(ids)} tokens, with max_new_tokens={max_new_tokens} more, exceed "
+                             f"the model's context of {cfg.max_position_embeddings} tokens")
+    outputs = generate(cfg, params, prompts, max_new_tokens=max_new_tokens, stop_ids=tokens.stop,
+                       pad_id=tokens.pad, **options)
     return [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]

@@ -513,7 +513,7 @@ def train_loop(cfg: llama.LlamaConfig, tc: TrainConfig, optimizer: optax.Gradien
             callback(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         bar.update(1)
-        checkpoints.after_step(i + 1, tc.steps, state, record)
+        checkpoints.after_step(i + 1, tc.steps, state, history)
     bar.close()
     return state, history
 
@@ -545,7 +545,6 @@ class Checkpoints:
     saved: list[int] = dataclasses.field(default_factory=list)  # latest last
     resumed_from: int = 0
     earlier: list[dict] = dataclasses.field(default_factory=list)  # history before the resume
-    history: list[dict] = dataclasses.field(default_factory=list)
 
     def restore(self, state: dict) -> tuple[int, dict]:
         """(first step to run, state): the folder's latest checkpoint, else (0, state)."""
@@ -558,12 +557,10 @@ class Checkpoints:
             return 0, state
         self.resumed_from = restored[0]
         self.earlier = [h for h in checkpoint.read_history(self.folder) if h.get("step", 0) <= restored[0]]
-        self.history = list(self.earlier)
         return restored
 
-    def after_step(self, step: int, last: int, state: dict, record: dict | None = None) -> None:
-        if record is not None:
-            self.history.append(record)
+    def after_step(self, step: int, last: int, state: dict, history: Sequence[dict] = ()) -> None:
+        """Save at every `every`-th step and the last; `history`: this call's steps so far."""
         if self.folder is None or not (step == last or (self.every and step % self.every == 0)):
             return
         from spsft_jax import checkpoint, outputs
@@ -573,7 +570,7 @@ class Checkpoints:
             self._first_files(folder)
         run = {**self.run, "info": self.info} if self.run is not None else None
         checkpoint.save_state(folder, step, state, run=run, keep=self.keep)
-        checkpoint.write_history(folder, self.history)
+        checkpoint.write_history(folder, self.earlier + list(history))
         self.saved.append(step)
         if self.restart:
             outputs.swap_in(folder, self.folder)

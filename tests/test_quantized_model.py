@@ -17,10 +17,7 @@ TINY = llama.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, n
 KINDS = ("int8", "nf4")
 
 
-def dequantized(params):
-    """The float model a quantized one stands for."""
-    return jax.tree.map(lambda x: quant.dequantize(x) if quant.is_quantized(x) else x, params,
-                        is_leaf=quant.is_quantized)
+dequantized = quant.dequantize_tree  # the float model a quantized one stands for
 
 
 @pytest.fixture(scope="module")
