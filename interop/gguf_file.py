@@ -117,9 +117,9 @@ def _rope_scaling(path: Path, reader, cfg: llama.LlamaConfig) -> llama.LlamaConf
 
 
 def _tensors(path: Path, reader, cfg: llama.LlamaConfig, *,
-             keep_blocks: bool = False) -> Iterator[tuple[Path, str, np.ndarray]]:
-    """(file, HF name, float32 array) for every tensor of the GGUF; with `keep_blocks`,
-    per-layer linear weights of a kind `spsft_jax.quant` reads come as their own blocks
+             keep_blocks=lambda name: False) -> Iterator[tuple[Path, str, np.ndarray]]:
+    """(file, HF name, float32 array) for every tensor of the GGUF; those whose HF name
+    `keep_blocks` accepts, if of a kind `spsft_jax.quant` reads, come as their own blocks
     (`quant.QuantizedWeight` of the file's bytes, q/k rows put back in HF order)."""
     gguf = _gguf()
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
@@ -133,7 +133,7 @@ def _tensors(path: Path, reader, cfg: llama.LlamaConfig, *,
             continue  # read into the config by `_rope_scaling`
         name = hf_of.get(tensor.name, tensor.name)
         kind = quant.KIND_OF_GGML.get(int(tensor.tensor_type))
-        if keep_blocks and kind is not None and _is_layer_linear(name):
+        if kind is not None and keep_blocks(name):
             weight = quant.QuantizedWeight.from_bytes(np.asarray(tensor.data), kind)
         else:
             weight = gguf.dequantize(tensor.data, tensor.tensor_type)
@@ -149,8 +149,8 @@ def _is_layer_linear(name: str) -> bool:
     return name.startswith("model.layers.") and name.rsplit(".", 2)[-2] in LINEARS
 
 
-def load_gguf(path: str | os.PathLike, dtype=None, *,
-              dequantize: bool = True) -> tuple[llama.LlamaConfig, llama.Params]:
+def load_gguf(path: str | os.PathLike, dtype=None, *, dequantize: bool = True,
+              quantized_embeddings: bool = False) -> tuple[llama.LlamaConfig, llama.Params]:
     """Load a Llama GGUF as `(cfg, params)`.
 
     dtype: the parameters' dtype (float32, bfloat16, float16); None gives float32,
@@ -158,11 +158,16 @@ def load_gguf(path: str | os.PathLike, dtype=None, *,
     dequantize: False keeps every per-layer linear weight in the file's own blocks
         (`quant.QuantizedWeight`, dequantized layer by layer in the forward pass, the
         same values as the dequantized load); the embedding, norms and head are float.
+    quantized_embeddings: with dequantize=False, keep the embedding table and LM head in
+        the file's blocks too (a lookup decodes only the rows it reads; the head is decoded
+        inside the loss); less memory for the frozen model, the same values.
     """
     path, reader = _open(path)
     cfg = _rope_scaling(path, reader, config_from_hf(hf_config(path), source=str(path)))
     target = _np_dtype(dtype) if dtype is not None else np.dtype(np.float32)
-    tensors = _tensors(path, reader, cfg, keep_blocks=not dequantize)
+    embeddings = ("model.embed_tokens.weight", "lm_head.weight") if quantized_embeddings else ()
+    tensors = _tensors(path, reader, cfg,
+                       keep_blocks=lambda name: not dequantize and (_is_layer_linear(name) or name in embeddings))
     return cfg, assemble(cfg, tensors, target, origin=path)
 
 
@@ -257,9 +262,12 @@ def _tensor_bytes(tensor, slot, gguf) -> np.ndarray:
     """The bytes to write for GGUF tensor `tensor` from our parameter `slot`."""
     leaf, layer, heads = slot
     kind = quant.KIND_OF_GGML.get(int(tensor.tensor_type))
-    if quant.is_quantized(leaf) and leaf.kind == kind:
-        rows = np.asarray(leaf.data if layer is None else leaf.data[layer])
-        return permute(rows, heads) if heads is not None else rows
+    if quant.is_quantized(leaf):
+        leaf = leaf if layer is None else leaf.layer(layer)
+        layer = None
+        if leaf.kind == kind:
+            rows = np.asarray(leaf.data)
+            return permute(rows, heads) if heads is not None else rows
     values = np.asarray(quant.dequantize(leaf) if quant.is_quantized(leaf) else leaf)
     if layer is not None:
         values = values[layer]

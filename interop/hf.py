@@ -246,7 +246,8 @@ def load_hf(path: str | os.PathLike, dtype=None, *, allow_nonfinite: bool = Fals
     mesh: a `jax.sharding.Mesh` or spec ("data=2,fsdp=4", see `spsft_jax.sharding`):
     every parameter is built already split by the sharding rules, each device's part read
     straight from the safetensors file(s), so host memory holds one device's slice of one
-    tensor at a time, never the model (safetensors only).
+    tensor at a time, never the model (safetensors only); with `quantize=`, the quantized
+    model is built on the host, then split (quantized bytes by rows).
     quantize: "int8", "nf4" (or another `spsft_jax.quant` kind): every per-layer linear
     weight is quantized as it is read (`quant.QuantizedWeight`, dequantized layer by layer
     in the forward pass); embeddings, norms and the LM head stay float, as users expect.
@@ -255,15 +256,17 @@ def load_hf(path: str | os.PathLike, dtype=None, *, allow_nonfinite: bool = Fals
     cfg = read_config(folder / "config.json")
     files = _weight_files(folder)
     target = _np_dtype(dtype) if dtype is not None else _checkpoint_dtype(files)
-    if quantize is not None and mesh is not None:
-        raise NotImplementedError("load_hf: quantize= with mesh= is not supported yet; load quantized "
-                                  "on one device")
-    if mesh is not None:
+    if mesh is not None and quantize is None:
         return cfg, load_sharded(cfg, files, target, mesh, origin=folder,
                                  allow_nonfinite=allow_nonfinite)
     named = ((file, name, tensor) for file in files for name, tensor in _read_tensors(file))
-    return cfg, assemble(cfg, named, target, origin=folder, allow_nonfinite=allow_nonfinite,
-                         quantize=quantize)
+    params = assemble(cfg, named, target, origin=folder, allow_nonfinite=allow_nonfinite,
+                      quantize=quantize)
+    if mesh is not None:  # quantized on the host (a quarter of the float model), then split by rows
+        from spsft_jax import sharding
+
+        params = sharding.shard(params, sharding.make_mesh(mesh))
+    return cfg, params
 
 
 def assemble(cfg: llama.LlamaConfig, named, target, *, origin, allow_nonfinite: bool = False,
@@ -300,7 +303,7 @@ def assemble(cfg: llama.LlamaConfig, named, target, *, origin, allow_nonfinite: 
         seen.add(name)
     _check_complete(expected, seen, origin)
     leaves = {p: _to_device(buffers, p) for p in list(buffers)}
-    leaves |= {p: dataclasses.replace(q, data=jax.device_put(q.data)) for p, q in stacks.items()}
+    leaves |= {p: jax.tree.map(jax.device_put, q) for p, q in stacks.items()}
     return nest(leaves)
 
 
@@ -310,16 +313,18 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def _stack_rows(stacks: dict, buffers: dict, shapes: dict, file, name: str, leaf_path, layer,
                 tensor, target) -> bool:
     """Copy one layer's quantized rows into its leaf's byte stack (made at the first
-    layer, when the kind and row size are known); whether they decode to finite values."""
+    layer; a later layer of another kind makes it a mixed stack, `quant.put_layer`);
+    whether they decode to finite values."""
+    if layer is None:  # an embedding or head kept as stored
+        buffers.pop(leaf_path, None)
+        stacks[leaf_path] = dataclasses.replace(tensor, data=np.asarray(tensor.data), dtype=np.dtype(target).name)
+        return bool(np.isfinite(np.asarray(quant.dequantize(tensor))).all())
     stack = stacks.get(leaf_path)
     if stack is None:
         buffers.pop(leaf_path)  # this leaf is held as bytes, never as floats
         data = _aligned_empty((shapes[leaf_path][0],) + tuple(tensor.data.shape), np.uint8)
-        stack = stacks[leaf_path] = dataclasses.replace(tensor, data=data, dtype=np.dtype(target).name)
-    if tensor.kind != stack.kind:
-        raise ValueError(f"{file}: tensor {name!r} is {tensor.kind} where the other layers' are "
-                         f"{stack.kind}; a stack of layers needs one kind (load it dequantized)")
-    stack.data[layer] = np.asarray(tensor.data)
+        stack = dataclasses.replace(tensor, data=data, dtype=np.dtype(target).name)
+    stacks[leaf_path] = quant.put_layer(stack, layer, tensor)
     return bool(np.isfinite(np.asarray(quant.dequantize(tensor))).all())
 
 

@@ -369,16 +369,19 @@ def _merge_rows_quantized(d: RowDelta, module: dict) -> dict:
     rows = np.asarray(d.rows).reshape((-1,) + d.rows.shape[-1:])
     update = np.asarray(d.w_f, np.float32) * (1.0 if d.mask is None else np.asarray(d.mask)[..., None])
     update = update.reshape((-1,) + d.w_f.shape[-2:])
-    data = np.array(w.data).reshape((-1,) + w.data.shape[-2:])
-    for layer in range(data.shape[0]):
-        weight = dataclasses.replace(w, data=data[layer])
+    if not stacked:  # one layer: as a stack of one
+        w = w.replace(data=np.asarray(w.data)[None])
+    stack = w.replace(data=np.array(w.data), layer_kind=None if w.layer_kind is None else np.array(w.layer_kind))
+    for layer in range(stack.data.shape[0]):
+        weight = w.layer(layer)
         chosen, slot = np.unique(rows[layer], return_inverse=True)
         added = np.zeros((len(chosen), w.cols), np.float32)
         np.add.at(added, slot, update[layer])  # padding slots repeat a row with a zero update
         values = np.asarray(quant.dequantize(weight, jnp.float32))[chosen] + added
-        data[layer] = np.asarray(quant.quantize_rows(weight, chosen, values).data)
-    weight = dataclasses.replace(w, data=jnp.asarray(data.reshape(w.data.shape) if stacked else data[0]))
-    return _with_bias({**module, "weight": weight}, d.bias)
+        stack = quant.put_layer(stack, layer, quant.quantize_rows(weight, chosen, values))
+    if not stacked:
+        stack = stack.replace(data=stack.data[0])
+    return _with_bias({**module, "weight": jax.tree.map(jnp.asarray, stack)}, d.bias)
 
 
 def merge_report(params: Params, delta: Any, dtype=jnp.bfloat16) -> dict[str, float]:

@@ -510,7 +510,9 @@ def scan_layers(body: Callable, carry, weights, per_layer, remat: str | Callable
 
 def embed(params: Params, input_ids: jax.Array, delta=None) -> jax.Array:
     module, d = params["embed_tokens"], subtree(delta, "embed_tokens")
-    table = module["weight"] if d is None else d.merge(module)["weight"]
+    table = module["weight"] if d is None else d.merge(quant.dequantize_tree(module))["weight"]
+    if quant.is_quantized(table):  # decode only the rows looked up
+        return table.replace(data=jnp.asarray(table.data)[input_ids]).dequantize()
     return table[input_ids]
 
 
@@ -520,7 +522,7 @@ def head(cfg: LlamaConfig, params: Params, h: jax.Array, delta=None) -> jax.Arra
     if cfg.tie_word_embeddings:
         # Tied: a delta on the embedding table is a delta on the head too (as `merge` folds it).
         weights, tied = params["embed_tokens"], subtree(delta, "embed_tokens")
-        weights = weights if tied is None else tied.merge(weights)
+        weights = weights if tied is None else tied.merge(quant.dequantize_tree(weights))
     else:
         weights = params["lm_head"]
     return linear(h, weights, subtree(delta, "lm_head"))

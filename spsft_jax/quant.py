@@ -384,13 +384,20 @@ def _dtype_name(dtype) -> str:
 class QuantizedWeight:
     """A frozen weight [..., out, in] as bytes `data` uint8 [..., out, row_bytes].
 
-    Only `data` is a leaf, so `lax.scan` over stacked layers hands the body one layer's
+    `data` is a leaf, so `lax.scan` over stacked layers hands the body one layer's
     [out, row_bytes]; `kind`, `cols` and `dtype` are static.
+
+    A stack of layers may mix kinds (llama.cpp's Q4_K_M files give some layers' ffn_down
+    Q6_K and others Q4_K): then `kind` is the tuple of kinds, `layer_kind` int32 [L] (a
+    leaf, sliced by the scan like `data`) indexes it per layer, and every layer's rows
+    are padded with zeros to the widest kind's row bytes. Decoding picks the layer's
+    kind with `lax.switch`.
     """
     data: jax.Array
-    kind: str = struct.field(pytree_node=False)
+    kind: str | tuple[str, ...] = struct.field(pytree_node=False)
     cols: int = struct.field(pytree_node=False)
     dtype: str = struct.field(pytree_node=False, default="float32")
+    layer_kind: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -402,15 +409,38 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.data.shape))
+        kinds = 0 if self.layer_kind is None else int(np.prod(np.shape(self.layer_kind))) * 4
+        return int(np.prod(self.data.shape)) + kinds
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return self.kind if isinstance(self.kind, tuple) else (self.kind,)
+
+    def _decode(self, name: str, data: jax.Array) -> jax.Array:
+        kind = KINDS[name]
+        lead = tuple(data.shape[:-1])
+        blocks = data[..., :kind.row_bytes(self.cols)].reshape(lead + kind.blocks(self.cols))
+        return kind.decode(blocks).reshape(lead + (self.cols,))
 
     def dequantize(self, dtype=None) -> jax.Array:
         """The weight [..., out, in] as `dtype` (default: self.dtype), in jnp."""
-        kind = KINDS[self.kind]
-        lead = tuple(self.data.shape[:-1])
-        blocks = jnp.asarray(self.data).reshape(lead + kind.blocks(self.cols))
-        values = kind.decode(blocks).reshape(lead + (self.cols,))
+        data = jnp.asarray(self.data)
+        if self.layer_kind is None:
+            values = self._decode(self.kind, data)
+        else:
+            branches = [lambda d, name=name: self._decode(name, d) for name in self.kinds]
+            pick = lambda index, d: lax.switch(index, branches, d)  # noqa: E731
+            index = jnp.asarray(self.layer_kind)
+            for _ in range(index.ndim):  # a whole stack: every branch, then a select
+                pick = jax.vmap(pick)
+            values = pick(index, data)
         return values.astype(self.dtype if dtype is None else dtype)
+
+    def layer(self, i: int) -> QuantizedWeight:
+        """Leading index `i` (a layer of a stack) as a one-kind weight of host bytes."""
+        name = self.kinds[0 if self.layer_kind is None else int(np.asarray(self.layer_kind)[i])]
+        rows = np.asarray(self.data[i])[..., :KINDS[name].row_bytes(self.cols)]
+        return QuantizedWeight(rows, kind=name, cols=self.cols, dtype=self.dtype)
 
     @classmethod
     def from_bytes(cls, data, kind: str, *, dtype=None) -> QuantizedWeight:
@@ -427,6 +457,28 @@ class QuantizedWeight:
         return cls(jnp.asarray(data), kind=k.name, cols=k.cols(row), dtype=_dtype_name(dtype))
 
 
+def put_layer(stack: QuantizedWeight, i: int, weight: QuantizedWeight) -> QuantizedWeight:
+    """`stack` (host numpy data) with layer `i` set to the one-kind `weight`: written in
+    place when its kind is already in the stack, else into a copy that adds the kind
+    (mixed, rows padded to the widest kind)."""
+    if weight.cols != stack.cols or tuple(weight.data.shape[:-1]) != tuple(stack.data.shape[1:-1]):
+        raise ValueError(f"a {weight.kind} layer of shape {weight.shape} does not fit a stack of {stack.shape}")
+    if weight.kind not in stack.kinds:
+        kinds = stack.kinds + (weight.kind,)
+        width = max(KINDS[k].row_bytes(stack.cols) for k in kinds)
+        data = np.zeros(stack.data.shape[:-1] + (width,), np.uint8)
+        data[..., :stack.data.shape[-1]] = np.asarray(stack.data)
+        index = np.zeros(stack.data.shape[:1], np.int32) if stack.layer_kind is None else \
+            np.array(stack.layer_kind, np.int32)
+        stack = stack.replace(data=data, kind=kinds, layer_kind=index)
+    rows = np.asarray(weight.data)
+    stack.data[i, ..., :rows.shape[-1]] = rows
+    stack.data[i, ..., rows.shape[-1]:] = 0
+    if stack.layer_kind is not None:
+        stack.layer_kind[i] = stack.kinds.index(weight.kind)
+    return stack
+
+
 def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedWeight)
 
@@ -434,11 +486,6 @@ def is_quantized(x: Any) -> bool:
 def dequantize(x: Any, dtype=None) -> Any:
     """A QuantizedWeight's values; any other array is passed through unchanged (dtype too)."""
     return x.dequantize(dtype) if is_quantized(x) else x
-
-
-def dequantize_tree(tree: Any, dtype=None) -> Any:
-    """`tree` with every QuantizedWeight replaced by its values; other leaves unchanged."""
-    return jax.tree.map(lambda x: dequantize(x, dtype), tree, is_leaf=is_quantized)
 
 
 def dequantize_tree(tree: Any, dtype=None) -> Any:
@@ -473,8 +520,7 @@ def quantize_rows(q: QuantizedWeight, rows, values) -> QuantizedWeight:
     """Requantize rows `rows` of `q` from float `values` [..., r, in]; every other row's
     bytes stay as they are. `rows` is [r] (the same rows under every leading index) or
     [..., r] (per leading index, e.g. per layer). Blocks never cross rows, so a row's
-    bytes depend on that row alone."""
-    k = _kind(q.kind)
+    bytes depend on that row alone. A mixed stack requantizes each layer in its own kind."""
     lead, out = tuple(q.data.shape[:-2]), q.data.shape[-2]
     rows = np.asarray(rows)
     x = np.asarray(values, dtype=np.float32)
@@ -486,6 +532,13 @@ def quantize_rows(q: QuantizedWeight, rows, values) -> QuantizedWeight:
         raise ValueError(f"quantize_rows: rows must be integers in [-{out}, {out}), got {rows.min()}..{rows.max()}")
     if r == 0:
         return q
+    if q.layer_kind is not None:
+        rows = np.broadcast_to(rows, lead + (r,))
+        stack = q.replace(data=np.array(q.data), layer_kind=np.array(q.layer_kind, np.int32))
+        for i in range(lead[0]):
+            stack = put_layer(stack, i, quantize_rows(q.layer(i), rows[i], x[i]))
+        return stack.replace(data=jnp.asarray(stack.data), layer_kind=jnp.asarray(stack.layer_kind))
+    k = _kind(q.kind)
     _check_finite(x, k)
     new = _encode_rows(k, x).reshape((-1, r, q.data.shape[-1]))
     rows = np.broadcast_to(rows % out, lead + (r,)).reshape(-1, r)

@@ -10,6 +10,7 @@ all-gathers and reduce-scatters. Two mesh axes:
 
     mesh = make_mesh("data=2,fsdp=4")          # or {"data": 2, "fsdp": 4}, or None: all on fsdp
     frozen    {"params": {"layers": {"mlp": {"up_proj": {"weight": [L, out, in]  -> P(None, "fsdp", None)}}},
+                          quantized weight bytes [L, out, row_bytes] -> P(None, "fsdp", None) (by rows),
                           "embed_tokens": {"weight": [V, d] -> P("fsdp", None)}, norms -> P()},
                "delta": rows / masks (int, bool)  -> P()}
     trainable {"delta": W_f [L, r, d_in] -> P(None, None, "fsdp"), LoRA A/B alike}
@@ -127,6 +128,9 @@ def leaf_spec(path: tuple, shape: tuple[int, ...], dtype, fsdp: int) -> Partitio
     """
     stacked = any(getattr(k, "key", getattr(k, "name", None)) == LAYERS for k in path)
     first = 1 if stacked else 0
+    if fsdp > 1 and _quantized_rows(path, dtype) and len(shape) - first >= 2 and shape[-2] % fsdp == 0:
+        # A quantized weight's bytes [..., out, row_bytes] split by rows: blocks never cross them.
+        return PartitionSpec(*[("fsdp" if d == len(shape) - 2 else None) for d in range(len(shape))])
     if fsdp == 1 or not jnp.issubdtype(dtype, jnp.floating) or len(shape) - first < 2:
         return PartitionSpec()
     dims = [d for d in range(first, len(shape)) if shape[d] % fsdp == 0]
@@ -134,6 +138,11 @@ def leaf_spec(path: tuple, shape: tuple[int, ...], dtype, fsdp: int) -> Partitio
         return PartitionSpec()
     split = max(dims, key=lambda d: (shape[d], -d))  # the largest; ties: the earlier (rows)
     return PartitionSpec(*[("fsdp" if d == split else None) for d in range(len(shape))])
+
+
+def _quantized_rows(path: tuple, dtype) -> bool:
+    """Whether a leaf is the bytes of a `quant.QuantizedWeight` (its `data` field)."""
+    return jnp.dtype(dtype) == jnp.uint8 and bool(path) and getattr(path[-1], "name", None) == "data"
 
 
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:

@@ -42,8 +42,14 @@ def test_permute_inverts_unpermute(heads):
     assert np.array_equal(permute(unpermute(b, heads), heads), b)
 
 
-def _tiny_gguf(path, *, tied=False):
-    """A small llama GGUF as llama.cpp lays it out: Q8_0 linears, F16 embedding, F32 norms."""
+# A Q4_K_M file's mix: some layers of a tensor in a wider kind than the others.
+MIXED = {"attn_v": ("Q4_0", "Q8_0"), "ffn_down": ("Q8_0", "Q5_0")}
+
+
+def _tiny_gguf(path, *, tied=False, mixed=False):
+    """A small llama GGUF as llama.cpp lays it out: Q8_0 linears, F16 embedding, F32 norms;
+    `mixed`: attn_v and ffn_down change kind from layer to layer (`MIXED`), and the
+    embedding is Q8_0."""
     rng = np.random.default_rng(1)
     d, ff, layers, heads, kv, vocab = 64, 128, 2, 4, 2, 48
     w = gguf.GGUFWriter(str(path), "llama")
@@ -58,21 +64,25 @@ def _tiny_gguf(path, *, tied=False):
     w.add_vocab_size(vocab)
     w.add_string("general.name", "tiny")
 
-    def q8(shape):
-        return np.asarray(quant.quantize(rng.standard_normal(shape).astype(np.float32) * 0.1, "Q8_0").data)
+    def add(name, shape, kind="Q8_0"):
+        q = quant.quantize(rng.standard_normal(shape).astype(np.float32) * 0.1, kind)
+        w.add_tensor(name, np.asarray(q.data), raw_dtype=gguf.GGMLQuantizationType[kind])
 
-    w.add_tensor("token_embd.weight", rng.standard_normal((vocab, d)).astype(np.float16))
+    if mixed:
+        add("token_embd.weight", (vocab, d))
+    else:
+        w.add_tensor("token_embd.weight", rng.standard_normal((vocab, d)).astype(np.float16))
     hd = d // heads
     for i in range(layers):
         w.add_tensor(f"blk.{i}.attn_norm.weight", (1 + 0.1 * rng.standard_normal(d)).astype(np.float32))
         for name, shape in [("attn_q", (d, d)), ("attn_k", (kv * hd, d)), ("attn_v", (kv * hd, d)),
                             ("attn_output", (d, d)), ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)),
                             ("ffn_down", (d, ff))]:
-            w.add_tensor(f"blk.{i}.{name}.weight", q8(shape), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            add(f"blk.{i}.{name}.weight", shape, MIXED[name][i] if mixed and name in MIXED else "Q8_0")
         w.add_tensor(f"blk.{i}.ffn_norm.weight", (1 + 0.1 * rng.standard_normal(d)).astype(np.float32))
     w.add_tensor("output_norm.weight", np.ones(d, np.float32))
     if not tied:
-        w.add_tensor("output.weight", q8((vocab, d)), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        add("output.weight", (vocab, d))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -113,6 +123,56 @@ def test_tiny_changed_floats_are_written_in_like_types(tmp_path):
     rows_changed = np.flatnonzero((before["blk.1.attn_q.weight"][1] != after["blk.1.attn_q.weight"][1]).any(-1))
     heads = cfg.num_heads
     assert rows_changed.tolist() == [int(np.flatnonzero(permute(np.arange(cfg.hidden_size), heads) == 5)[0])]
+
+
+def _random_row_delta(params, targets="all-linear", rank=2, seed=0):
+    """A row delta on every targeted linear with random W_f (a trained delta's stand-in)."""
+    scores = importance.magnitude(None, params, targets=targets)
+    d = delta_lib.rows_from_selection(params, selection.select(scores, rank=rank))
+    key = iter(jax.random.split(jax.random.key(seed), 16))
+    for path, rd in delta_lib.leaves(d):
+        rd = dataclasses.replace(rd, w_f=0.05 * jax.random.normal(next(key), rd.w_f.shape, jnp.float32))
+        d = trees.set_nested(d, path, rd)
+    return d
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_kinds_mixed_across_layers_and_embeddings_kept_quantized(tmp_path, tied):
+    src = _tiny_gguf(tmp_path / "mixed.gguf", tied=tied, mixed=True)
+    cfg, floats = load_gguf(src)
+    _, params = load_gguf(src, dequantize=False, quantized_embeddings=True)
+    layers = params["layers"]
+    for module, kinds in [(layers["self_attn"]["v_proj"], MIXED["attn_v"]), (layers["mlp"]["down_proj"], MIXED["ffn_down"])]:
+        w = module["weight"]
+        assert set(w.kinds) == set(kinds) and [w.layer(i).kind for i in range(2)] == list(kinds)
+    assert params["embed_tokens"]["weight"].kind == "Q8_0"
+    assert ("lm_head" in params) == (not tied) and (tied or params["lm_head"]["weight"].kind == "Q8_0")
+    # the same values, decoded inside the layer scan / from the looked-up rows only
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    np.testing.assert_array_equal(np.asarray(llama.forward(cfg, params, ids)),
+                                  np.asarray(llama.forward(cfg, floats, ids)))
+    # written back unchanged: the same file; merged: only trained rows differ, in their own kinds
+    out = save_gguf(tmp_path / "out" / "same.gguf", cfg, params, like=src)
+    assert filecmp.cmp(src, out, shallow=False)
+    d = _random_row_delta(params)
+    merged = delta_lib.merge(params, d)
+    exact = trees.flatten(delta_lib.merge(floats, d))
+    for path, w in trees.flatten(merged, stop=quant.is_quantized).items():
+        ours, want = np.asarray(quant.dequantize(w)), np.asarray(exact[path])
+        # requantized rows: within a 4-bit step of the exact merge (Q4_0's is max|block| / 8)
+        assert np.abs(ours - want).max() <= 0.07 * np.abs(want).max(), path
+    out = save_gguf(tmp_path / "out" / "merged.gguf", cfg, merged, like=src)
+    before, after = _tensors(src), _tensors(out)
+    assert {n: t for n, (t, _) in before.items()} == {n: t for n, (t, _) in after.items()}
+    for name, (_, data) in before.items():
+        differ = np.flatnonzero((data != after[name][1]).any(-1)) if data.ndim == 2 else []
+        if name.startswith("blk.") and name.endswith("weight") and "norm" not in name:
+            assert 0 < len(differ) <= 2, name  # rank 2: at most its two rows
+        else:
+            assert len(differ) == 0, name
+    _, back = load_gguf(out, dequantize=False, quantized_embeddings=True)
+    np.testing.assert_array_equal(np.asarray(llama.forward(cfg, back, ids)),
+                                  np.asarray(llama.forward(cfg, merged, ids)))
 
 
 def test_foreign_file_is_not_overwritten(tmp_path):

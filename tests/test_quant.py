@@ -321,3 +321,57 @@ def test_pytree_and_helpers():
     np.testing.assert_array_equal(np.asarray(tree["w"], np.float32), np.asarray(q.dequantize(), np.float32))
     # The same static fields: a second weight of another layer count reuses the jitted scan body.
     assert jax.tree_util.tree_structure(quant.quantize(x[:1], "Q6_K", dtype=jnp.bfloat16)) == treedef
+
+
+def _mixed_stack(rng, kinds, shape=(5, 512)):
+    """A stack with layer i in kinds[i], built layer by layer as a GGUF load builds it."""
+    x = rng.standard_normal((len(kinds),) + shape).astype(np.float32)
+    layers = [quant.quantize(x[i], k) for i, k in enumerate(kinds)]
+    stack = quant.QuantizedWeight(np.zeros((len(kinds),) + tuple(layers[0].data.shape), np.uint8),
+                                  kind=kinds[0], cols=shape[-1])
+    for i, layer in enumerate(layers):
+        stack = quant.put_layer(stack, i, layer)
+    return x, layers, stack
+
+
+def test_layers_of_mixed_kinds_decode_each_in_its_own_kind():
+    rng = np.random.default_rng(10)
+    kinds = ["Q4_K", "Q6_K", "Q4_K", "nf4"]
+    _, layers, stack = _mixed_stack(rng, kinds)
+    assert stack.kind == ("Q4_K", "Q6_K", "nf4") and np.asarray(stack.layer_kind).tolist() == [0, 1, 0, 2]
+    assert stack.data.shape[-1] == max(l.data.shape[-1] for l in layers)  # padded to the widest
+    ref = np.stack([np.asarray(l.dequantize()) for l in layers])
+    _assert_bits_equal(_dequantize(stack), ref)  # the whole stack at once
+    _assert_bits_equal(_dequantize_scanned(jax.tree.map(jnp.asarray, stack)), ref)  # one layer at a time
+    for i, layer in enumerate(layers):
+        np.testing.assert_array_equal(np.asarray(stack.layer(i).data), np.asarray(layer.data))
+        assert stack.layer(i).kind == kinds[i]
+    assert len(jax.tree.leaves(stack)) == 2  # bytes and the per-layer kind index, both scanned
+
+
+def test_mixed_stack_requantizes_rows_in_each_layers_kind():
+    rng = np.random.default_rng(11)
+    kinds = ["Q6_K", "Q4_K", "Q6_K"]
+    _, layers, stack = _mixed_stack(rng, kinds)
+    rows = np.array([[1, 3], [0, 4], [2, 3]])
+    values = rng.standard_normal((3, 2, 512)).astype(np.float32)
+    after = quant.quantize_rows(jax.tree.map(jnp.asarray, stack), rows, values)
+    assert after.kind == stack.kind
+    for i, kind in enumerate(kinds):
+        new, old = np.asarray(after.layer(i).data), np.asarray(layers[i].data)
+        np.testing.assert_array_equal(new[rows[i]], np.asarray(quant.quantize(values[i], kind).data))
+        keep = np.setdiff1d(np.arange(5), rows[i])
+        np.testing.assert_array_equal(new[keep], old[keep])
+    with pytest.raises(ValueError, match="does not fit"):
+        quant.put_layer(stack, 0, quant.quantize(np.zeros((5, 256), np.float32), "Q4_K"))
+
+
+def test_quantized_bytes_shard_by_rows():
+    from spsft_jax import sharding
+
+    q = quant.quantize(np.zeros((2, 8, 256), np.float32), "Q4_K")
+    path = (jax.tree_util.DictKey("layers"), jax.tree_util.GetAttrKey("data"))
+    assert sharding.leaf_spec(path, q.data.shape, q.data.dtype, 4) == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert sharding.leaf_spec(path, (2, 6, 144), jnp.uint8, 4) == jax.sharding.PartitionSpec()  # 6 rows: no
+    rows = (jax.tree_util.DictKey("layers"), jax.tree_util.DictKey("rows"))
+    assert sharding.leaf_spec(rows, (2, 8, 16), jnp.uint8, 4) == jax.sharding.PartitionSpec()  # not weight bytes

@@ -143,6 +143,22 @@ SCRIPT = textwrap.dedent("""
             "device0_bytes": held,
             "total_bytes": sum(x.nbytes for x in jax.tree.leaves(frozen["params"]))}
 
+    # Quantized frozen weights on a mesh: their bytes split by rows, the run as on one device.
+    from spsft_jax import quant
+    qparams = jax.tree.map(lambda x: x, params)
+    for group, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                         ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+        for name in names:
+            module = qparams["layers"][group][name]
+            qparams["layers"][group][name] = {**module, "weight": quant.quantize(np.asarray(module["weight"]), "int8")}
+    plain = sj.finetune(qparams, selection, data, **run)
+    sharded = sj.finetune(qparams, selection, data, mesh=sharding.make_mesh("data=2,fsdp=4"), **run)
+    placed = sharding.shard(qparams, sharding.make_mesh("data=2,fsdp=4"))["layers"]["mlp"]["up_proj"]["weight"]
+    out["quantized/data=2,fsdp=4"] = {
+        "loss": relative([h["loss"] for h in plain.history], [h["loss"] for h in sharded.history]),
+        "delta": rel(plain.delta, sharded.delta),
+        "bytes": [list(placed.data.shape), [list(s) for s in shard_shapes(placed.data)]]}
+
     # A sharded load of a several-file safetensors checkpoint, and the host memory it takes.
     big = sj.llama.LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024,
                                num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64)
@@ -169,6 +185,12 @@ SCRIPT = textwrap.dedent("""
                         for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(loaded))),
         "same_structure": jax.tree.structure(plain) == jax.tree.structure(loaded),
         "embed_shards": [list(s) for s in shard_shapes(embed)]}
+    (_, qplain), _ = traced(lambda: sj.interop.load_hf(folder, quantize="nf4"))
+    (_, qloaded), _ = traced(lambda: sj.interop.load_hf(folder, quantize="nf4", mesh=mesh))
+    up = qloaded["layers"]["mlp"]["up_proj"]["weight"]
+    out["load"]["quantized_diff"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                                        for a, b in zip(jax.tree.leaves(qplain), jax.tree.leaves(qloaded)))
+    out["load"]["quantized_shards"] = [list(s) for s in shard_shapes(up.data)]
     # The sharded model exports shard by shard and reads back equal.
     again = tempfile.mkdtemp() + "/again"
     sj.interop.save_hf(again, big, loaded, max_shard_size="4MB")
@@ -251,6 +273,19 @@ def test_sharded_load_equals_plain_load(measured):
     assert load["max_diff"] == 0.0
     assert load["embed_shards"] == [[2048 // 4, 256]]
     assert load["export_diff"] == 0.0
+
+
+@pytest.mark.parametrize("what", ["loss", "delta"])
+def test_quantized_base_on_a_mesh_trains_as_on_one_device(measured, what):
+    assert measured["quantized/data=2,fsdp=4"][what] <= TOL
+
+
+def test_quantized_bytes_are_split_by_rows(measured):
+    (L, out, row_bytes), shards = measured["quantized/data=2,fsdp=4"]["bytes"]
+    assert shards == [[L, out // 4, row_bytes]]
+    load = measured["load"]
+    assert load["quantized_diff"] == 0.0
+    assert load["quantized_shards"] == [[4, 1024 // 4, 256 // 64 * 36]]  # nf4 rows, a quarter each
 
 
 def test_sharded_load_holds_about_one_shard_of_host_memory(measured):
