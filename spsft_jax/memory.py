@@ -229,12 +229,29 @@ def dependency_selection(cfg: llama.LlamaConfig, rank: int) -> dict:
     return selection_lib.select(scores, rank=channels, cfg=cfg, dependency=True)
 
 
-def lowered_variant(setting: Setting, variant: Variant, remat: str | None, dtype=jnp.float32,
-                    update: str = "global"):
-    """(jax `Lowered`, trainable parameter count) for one method on one setting; `update`
-    as `train.TrainConfig`'s for the training methods."""
-    cfg, shape = setting.cfg, (setting.batch_size, setting.seq_len)
+def param_shapes(cfg: llama.LlamaConfig, dtype=jnp.float32, quantize: str | None = None):
+    """`llama.param_shapes`, with every per-layer linear weight a `quant.QuantizedWeight`
+    of kind `quantize` (as `load_hf(quantize=)` holds them) when it is given."""
+    from spsft_jax import quant, trees
+
     params = llama.param_shapes(cfg, dtype)
+    for path in llama.module_paths("all-linear") if quantize else ():
+        module = trees.get(params, *path)
+        params = trees.set_nested(params, path, {**module, "weight": quant.abstract(module["weight"], quantize)})
+    return params
+
+
+# Methods that train or score the frozen weights themselves: not on a quantized base.
+NEEDS_FLOAT_WEIGHTS = ("dense", "taylor-elementwise")
+
+
+def lowered_variant(setting: Setting, variant: Variant, remat: str | None, dtype=jnp.float32,
+                    update: str = "global", quantize: str | None = None):
+    """(jax `Lowered`, trainable parameter count) for one method on one setting; `update`
+    as `train.TrainConfig`'s for the training methods; `quantize`: the frozen linears held
+    in that kind (`param_shapes`)."""
+    cfg, shape = setting.cfg, (setting.batch_size, setting.seq_len)
+    params = param_shapes(cfg, dtype, quantize)
     if variant.method == "inference":
         fn = jax.jit(lambda p, b: llama.forward(cfg, p, b["input_ids"], b["attention_mask"]))
         return fn.lower(params, batch_shapes(shape)), 0
@@ -254,18 +271,24 @@ def lowered_variant(setting: Setting, variant: Variant, remat: str | None, dtype
 
 
 def measure(setting: Setting, *, remats=(None, "full"), fractions=(), execute: bool | None = None,
-            methods: list[Variant] | None = None, update: str = "global") -> list[dict]:
+            methods: list[Variant] | None = None, update: str = "global", dtype=jnp.float32,
+            quantize: str | None = None) -> list[dict]:
     """One row per method and remat policy (see the module docstring); the training
-    methods' step with `update` ("global" or "per-layer", `train.TrainConfig`)."""
+    methods' step with `update` ("global" or "per-layer", `train.TrainConfig`); frozen
+    weights in `dtype`, the per-layer linears quantized to `quantize` if given (the
+    methods that need float weights left out)."""
     execute = setting.execute if execute is None else execute
+    methods = variants(setting, fractions) if methods is None else methods
+    if quantize:
+        methods = [v for v in methods if v.method not in NEEDS_FLOAT_WEIGHTS and not v.dependency]
     rows = []
     for remat in remats:
         inference = None
-        for v in variants(setting, fractions) if methods is None else methods:
+        for v in methods:
             # The forward pass has nothing to recompute.
             training = v.method not in ("inference", "taylor", "taylor-elementwise")
             lowered, n = lowered_variant(setting, v, None if v.method == "inference" else remat,
-                                         update=update)
+                                         dtype=dtype, update=update, quantize=quantize)
             compiled = lowered.compile()
             mem, temp = read(compiled)
             if v.method == "inference":
@@ -276,6 +299,7 @@ def measure(setting: Setting, *, remats=(None, "full"), fractions=(), execute: b
             step_s = time_step(lowered, compiled) if timed else None
             rows.append({
                 "setting": setting.name, "method": v.label, "rank": v.rank,
+                "weights": quantize or jnp.dtype(dtype).name,
                 "tokentune": v.tokentune, "remat": remat,
                 "update": update if training else None, "trainable_params": n,
                 "mem_bytes": mem, "temp_bytes": temp,
@@ -287,10 +311,11 @@ def measure(setting: Setting, *, remats=(None, "full"), fractions=(), execute: b
 
 
 def plan(cfg: llama.LlamaConfig, *, rank: int, seq_len: int, batch_size: int, remat=None,
-         update: str = "global") -> list[dict]:
-    """`measure` rows of every method for a model config, compiled only (nothing allocated)."""
+         update: str = "global", dtype=jnp.float32, quantize: str | None = None) -> list[dict]:
+    """`measure` rows of every method for a model config, compiled only (nothing allocated);
+    `quantize`: the frozen linears held in that kind."""
     return measure(Setting("model", cfg, batch_size, seq_len, rank, execute=False), remats=(remat,),
-                   execute=False, update=update)
+                   execute=False, update=update, dtype=dtype, quantize=quantize)
 
 
 # --------------------------------------------------------------------------- several devices

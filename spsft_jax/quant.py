@@ -516,6 +516,15 @@ def quantize(w, kind: str, *, dtype=None) -> QuantizedWeight:
     return QuantizedWeight(jnp.asarray(_encode_rows(k, x)), kind=k.name, cols=x.shape[-1], dtype=_dtype_name(dtype))
 
 
+def abstract(w: jax.ShapeDtypeStruct, kind: str) -> QuantizedWeight:
+    """The shape of `quantize(w, kind)` for a weight shape [..., out, in], nothing computed:
+    for compiling a step on a quantized model that is not there (memory plans)."""
+    k = _kind(kind)
+    _check_shape(tuple(w.shape), k)
+    data = jax.ShapeDtypeStruct(tuple(w.shape[:-1]) + (k.row_bytes(w.shape[-1]),), jnp.uint8)
+    return QuantizedWeight(data, kind=k.name, cols=w.shape[-1], dtype=_dtype_name(w.dtype))
+
+
 def quantize_rows(q: QuantizedWeight, rows, values) -> QuantizedWeight:
     """Requantize rows `rows` of `q` from float `values` [..., r, in]; every other row's
     bytes stay as they are. `rows` is [r] (the same rows under every leading index) or

@@ -277,3 +277,127 @@ def test_smollm2_export_read_by_transformers(smollm2_merged):
     err = np.abs(ours - theirs).max() / np.abs(theirs).max()
     print(f"transformers vs spsft_jax logits on the exported GGUF: max relative error {err:.2e}")
     assert err < 1e-4
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def _gguf_of(path, cfg, params, kind="Q8_0"):
+    """A GGUF of `params` as llama.cpp lays a Llama out (linears in `kind`, the rest float
+    32), without a tokenizer: commands get the model's own with --tokenizer."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+    w.add_tensor("token_embd.weight", np.asarray(params["embed_tokens"]["weight"], np.float32))
+    for i in range(cfg.num_layers):
+        layer = jax.tree.map(lambda x: np.asarray(x[i], np.float32), params["layers"])
+        w.add_tensor(f"blk.{i}.attn_norm.weight", layer["input_layernorm"]["weight"])
+        for group in ("self_attn", "mlp"):
+            for name, weight in layer[group].items():
+                weight = weight["weight"]
+                weight = permute(weight, heads[name]) if name in heads else weight
+                w.add_tensor(f"blk.{i}.{names[name]}.weight", np.asarray(quant.quantize(weight, kind).data),
+                             raw_dtype=gguf.GGMLQuantizationType[kind])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", layer["post_attention_layernorm"]["weight"])
+    w.add_tensor("output_norm.weight", np.asarray(params["norm"]["weight"], np.float32))
+    if "lm_head" in params:
+        w.add_tensor("output.weight", np.asarray(params["lm_head"]["weight"], np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from spsft_jax.assets import default_asset
+    from spsft_jax.interop import load_hf
+
+    cfg, params = load_hf(default_asset())
+    return _gguf_of(tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf", cfg, params)
+
+
+def _cli(capsys, *argv):
+    from spsft_jax import cli
+
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_command_line_trains_on_a_gguf_and_exports_one(tiny_gguf, tmp_path, capsys):
+    from spsft_jax.assets import default_asset
+
+    asset = default_asset()
+    model = ["--model", tiny_gguf, "--tokenizer", asset]
+    code, out, err = _cli(capsys, "finetune", *model, "--data", asset / "train.jsonl", "--eval", asset / "eval.jsonl",
+                          "--steps", 30, "--rank", 4, "--max-new-tokens", 4, "--out", tmp_path / "run", "--quiet")
+    assert code == 0, err
+    assert "spsft" in out and (tmp_path / "run" / "adapter.safetensors").is_file()
+    before, after = (float(x) for x in out.split("eval loss ")[1].split(";")[0].split(" -> "))
+    assert after < before
+    from spsft_jax import selection as selection_lib
+    assert selection_lib.load(tmp_path / "run" / "selection.safetensors")[1]["metric"] == "taylor-row"
+    adapter = tmp_path / "run" / "adapter.safetensors"
+
+    # the adapter on the GGUF (kept quantized) and on its float load: the same text
+    texts = []
+    for extra in ([], ["--quantize", "none"]):
+        code, out, err = _cli(capsys, "generate", *model, *extra, "--adapter", adapter, "--prompt", "What is 2 plus 2? ")
+        assert code == 0, err
+        texts.append(out)
+    assert texts[0] == texts[1]
+
+    merged = tmp_path / "merged.gguf"
+    code, out, err = _cli(capsys, "export", *model, "--adapter", adapter, "--format", "gguf", "--out", merged)
+    assert code == 0, err
+    before, after = _tensors(tiny_gguf), _tensors(merged)
+    changed = {n for n in before if not np.array_equal(before[n][1], after[n][1])}
+    assert changed and all(n.startswith("blk.") for n in changed)
+    for name in changed:  # rank 4: at most 4 rows of each linear
+        assert 0 < (before[name][1] != after[name][1]).any(-1).sum() <= 4, name
+    from spsft_jax.checkpoint import adapter_digest
+    from spsft_jax.interop import merged_adapters
+    assert merged_adapters(merged) == (adapter_digest(adapter),)
+    # the merged file runs the adapter's text with no adapter; the adapter is refused on it
+    code, out, err = _cli(capsys, "generate", "--model", merged, "--tokenizer", asset, "--prompt", "What is 2 plus 2? ")
+    assert code == 0 and out == texts[0], err
+    code, out, err = _cli(capsys, "generate", "--model", merged, "--tokenizer", asset, "--adapter", adapter,
+                          "--prompt", "x")
+    assert code == 2 and "already merged into" in err and "metadata" in err
+    code, _, err = _cli(capsys, "export", "--model", merged, "--tokenizer", asset, "--adapter", adapter,
+                        "--format", "gguf", "--out", tmp_path / "twice.gguf")
+    assert code == 2 and "already merged" in err and not (tmp_path / "twice.gguf").exists()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["export", "--model", "{asset}", "--adapter", "{adapter}", "--format", "gguf", "--out", "{tmp}/x.gguf"],
+     "--format gguf: writes the layout of a GGUF --model"),
+    (["generate", "--model", "{gguf}", "--quantize", "nf4", "--prompt", "x"], "--quantize nf4: --model is a GGUF file"),
+    (["export", "--model", "{gguf}", "--adapter", "{adapter}", "--format", "gguf", "--out", "{gguf}"],
+     "is the --model file"),
+])
+def test_gguf_command_line_refusals(tiny_gguf, tmp_path, capsys, argv, words):
+    from spsft_jax.assets import default_asset
+
+    adapter = tmp_path / "a.safetensors"
+    adapter.write_bytes(b"")
+    fill = {"asset": default_asset(), "adapter": adapter, "tmp": tmp_path, "gguf": tiny_gguf}
+    code, _, err = _cli(capsys, *[a.format(**fill) for a in argv])
+    assert code == 2 and words in err and err.count("\n") == 1, err
+
+
+def test_plan_reads_a_gguf_config(tiny_gguf, capsys):
+    code, out, err = _cli(capsys, "plan", "--model", tiny_gguf, "--seq-len", 32)
+    assert code == 0 and "spsft" in out, err

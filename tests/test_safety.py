@@ -758,7 +758,7 @@ def _table():
                                      ["{in}/huge-line.jsonl:1", "16 MiB"]),
         "data is a pipe": ([m, "--data", "{in}/a-pipe"], ["{in}/a-pipe", "named pipe"]),
         "data is a device": ([m, "--data", "/dev/null"], ["/dev/null", "character device"]),
-        "model is a gguf": ([m, "--model", "{in}/model.gguf"], ["spsft-jax convert {in}/model.gguf"]),
+        "model is a broken gguf": ([m, "--model", "{in}/model.gguf"], ["{in}/model.gguf", "not a readable GGUF file"]),
     }
 
 
