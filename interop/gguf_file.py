@@ -9,9 +9,10 @@
                                               metadata, tokenizer, tensor order and types of `like`;
                                               every row a merge did not touch keeps its bytes
 
-The config and the tokenizer are read by transformers (`gguf_file=`), so they are
-exactly what `from_pretrained(folder, gguf_file=name)` sees; the config then goes
-through our own reader, which refuses what we do not implement. One addition:
+The config is read from the metadata as transformers' GGUF loader reads it (checked
+against `from_pretrained(folder, gguf_file=name)` in the tests) and goes through our
+own reader, which refuses what we do not implement; the tokenizer is transformers'
+(`gguf_file=`). One addition:
 Llama 3.1/3.2 RoPE scaling, which llama.cpp stores as a tensor that transformers
 passes over (it would compute other logits than the original model). Tensors are
 dequantized one at a time into the stacked buffers (`hf.assemble`), named through
@@ -87,7 +88,8 @@ def package_gguf(package: str) -> Path:
 
 
 def hf_config(path: str | os.PathLike) -> dict:
-    """The config dict transformers builds from a GGUF's metadata."""
+    """The config dict transformers builds from a GGUF's metadata (imports torch;
+    `metadata_config` reads the same without)."""
     from transformers import AutoConfig
 
     path = Path(path)
@@ -149,8 +151,57 @@ def _is_layer_linear(name: str) -> bool:
     return name.startswith("model.layers.") and name.rsplit(".", 2)[-2] in LINEARS
 
 
+# `{arch}.<key>` metadata -> the HF config key it is (transformers' GGUF loader maps the
+# same); every other `{arch}.` key is refused, so nothing we do not implement passes.
+METADATA_KEYS = {
+    "context_length": "max_position_embeddings", "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size", "embedding_length": "hidden_size",
+    "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps", "rope.freq_base": "rope_theta",
+    "rope.dimension_count": "head_dim", "attention.key_length": "head_dim",
+    "attention.value_length": "head_dim", "vocab_size": "vocab_size",
+}
+LLAMA_CONFIG_TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 2}
+TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id"}
+
+
+def _scalar(field):
+    value = field.parts[field.data[0]]
+    return bytes(value).decode() if field.types[0].name == "STRING" else value[0].item()
+
+
+def metadata_config(path: str | os.PathLike, reader=None) -> dict:
+    """The HF config dict of a Llama GGUF, read from its metadata in numpy (the keys
+    transformers' GGUF loader gives, without importing it or torch). Metadata we do not
+    implement (RoPE scaling keys, experts, other norms) is refused."""
+    path = Path(path)
+    reader = reader if reader is not None else _open(path)[1]
+    arch = _architecture(path, reader)
+    hf: dict = {"model_type": arch, "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors}}
+    for key, field in reader.fields.items():
+        if not key.startswith(arch + "."):
+            continue
+        name = METADATA_KEYS.get(key[len(arch) + 1:])
+        if name is None:
+            raise ValueError(f"{path}: GGUF metadata {key} is not supported")
+        value = _scalar(field)
+        if name in hf and hf[name] != value:
+            raise ValueError(f"{path}: GGUF metadata {key}={value} differs from {name}={hf[name]}")
+        hf[name] = value
+    hf |= LLAMA_CONFIG_TOKEN_IDS  # transformers' LlamaConfig defaults, where the file names none
+    for key, name in TOKEN_IDS.items():
+        field = reader.fields.get(f"tokenizer.ggml.{key}")
+        if field is not None:
+            hf[name] = _scalar(field)
+    if "vocab_size" not in hf:  # older files: the token list's length
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        hf["vocab_size"] = len(tokens.data) if tokens is not None else next(
+            int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight")
+    return hf
+
+
 def _config(path: Path, reader) -> llama.LlamaConfig:
-    return _rope_scaling(path, reader, config_from_hf(hf_config(path), source=str(path)))
+    return _rope_scaling(path, reader, config_from_hf(metadata_config(path, reader), source=str(path)))
 
 
 def gguf_config(path: str | os.PathLike) -> llama.LlamaConfig:

@@ -223,10 +223,6 @@ def _taylor(cfg, params, batches, modules, *, form, average, classwise, num_clas
     if form == "row":
         return _row_taylor(params, batches, classwise=classwise, num_classes=num_classes, place=place,
                            **options)
-    if any(quant.is_quantized(x) for x in jax.tree.leaves(params, is_leaf=quant.is_quantized)):
-        raise NotImplementedError("form='elementwise' (metric taylor) differentiates the weights, which "
-                                  "quantized weights do not support yet: use metric taylor-row or "
-                                  "magnitude, or load the model dequantized")
     if layers_per_pass is None:  # a quarter of the layers: four passes over the data at most
         layers_per_pass = -(-cfg.num_layers // PASSES)
     if not isinstance(layers_per_pass, (int, np.integer)) or layers_per_pass < 1:
@@ -521,7 +517,9 @@ def _elementwise_scores(params, grads, counts, start):
     """sum_j |w_ij g_ij| per class from the summed gradients `[g, C, d_out, d_in]`: `[C, g, d_out]`."""
     out = {}
     for path, g in grads.items():
-        w = jax.lax.dynamic_slice_in_dim(_weight(params, path), start, g.shape[0]).astype(jnp.float32)
+        # The group's layers (a quantized weight's bytes and kinds alike), then their values.
+        w = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, g.shape[0]), _weight(params, path))
+        w = quant.dequantize(w, jnp.float32).astype(jnp.float32)
         summed = jnp.sum(jnp.abs(w[:, None] * g), axis=-1)           # [g, C, d_out]
         out[path] = jnp.swapaxes(summed, 0, 1) / _per_class(counts, 3)
     return out

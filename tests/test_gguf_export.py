@@ -401,3 +401,32 @@ def test_gguf_command_line_refusals(tiny_gguf, tmp_path, capsys, argv, words):
 def test_plan_reads_a_gguf_config(tiny_gguf, capsys):
     code, out, err = _cli(capsys, "plan", "--model", tiny_gguf, "--seq-len", 32)
     assert code == 0 and "spsft" in out, err
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_metadata_config_is_transformers_config(tmp_path, tied):
+    from spsft_jax.interop import gguf_file
+    from spsft_jax.interop.config import config_from_hf
+
+    src = _tiny_gguf(tmp_path / "tiny.gguf", tied=tied)
+    ours = gguf_file.gguf_config(src)
+    theirs = config_from_hf(gguf_file.hf_config(src), source=str(src))
+    assert ours == theirs and ours.tie_word_embeddings == tied
+
+
+def test_metadata_we_do_not_implement_is_refused(tmp_path):
+    from spsft_jax.interop import gguf_file
+
+    src = _tiny_gguf(tmp_path / "tiny.gguf")
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(tmp_path / "scaled.gguf"), "llama")
+    w.add_float32("llama.rope.scaling.factor", 4.0)
+    w.add_uint32("llama.block_count", 2)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="llama.rope.scaling.factor is not supported"):
+        gguf_file.gguf_config(tmp_path / "scaled.gguf")

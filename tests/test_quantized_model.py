@@ -153,18 +153,13 @@ def test_every_method_trains_on_quantized_weights_as_on_their_values(quantized, 
                                rtol=1e-5)
 
 
-def test_row_taylor_scores_read_the_dequantized_model(quantized):
+@pytest.mark.parametrize("metric", ["taylor-row", "taylor"])
+def test_taylor_scores_read_the_dequantized_model(quantized, metric):
     _, cfg, params = quantized
     batches = [_batch(cfg, seed=s) for s in range(2)]
-    got = importance.scores(cfg, params, batches, metric="taylor-row", targets="mlp")
-    want = importance.scores(cfg, dequantized(params), batches, metric="taylor-row", targets="mlp")
+    got = importance.scores(cfg, params, batches, metric=metric, targets="mlp")
+    want = importance.scores(cfg, dequantized(params), batches, metric=metric, targets="mlp")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8), got, want)
-
-
-def test_elementwise_taylor_on_quantized_weights_is_refused_in_one_line(quantized):
-    _, cfg, params = quantized
-    with pytest.raises(NotImplementedError, match="taylor-row or magnitude"):
-        importance.scores(cfg, params, [_batch(cfg)], metric="taylor", targets="mlp")
 
 
 def test_the_command_line_trains_on_an_int8_base_and_the_adapter_fits_the_float_model(tmp_path, capsys):
