@@ -28,7 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
-from spsft_jax import llama, quant
+from spsft_jax import llama, outputs, quant
 from spsft_jax.interop.config import config_from_hf, config_to_hf
 from spsft_jax.interop.hf import LINEARS, _np_dtype, assemble, hf_names, save_hf
 
@@ -266,7 +266,7 @@ def permute(weight: np.ndarray, heads: int) -> np.ndarray:
 
 # The digests of the adapters merged into a GGUF's weights (`checkpoint.adapter_digest`),
 # as an HF export records them in config.json: none is then applied to it twice.
-MERGED_ADAPTERS_FIELD = "spsft_jax.merged_adapters"
+MERGED_ADAPTERS_FIELD = outputs.GGUF_MARK
 
 
 def merged_adapters(path: str | os.PathLike) -> tuple[str, ...]:
@@ -373,8 +373,6 @@ def save_gguf(out_path: str | os.PathLike, cfg: llama.LlamaConfig, params: llama
     recorded it as its own). merged_adapters: digests to record under
     `MERGED_ADAPTERS_FIELD` in place of `like`'s (None: `like`'s, as copied).
     """
-    from spsft_jax.outputs import output_file
-
     gguf = _gguf()
     like_path, reader = _open(like)
     version = int(reader.fields["GGUF.version"].parts[-1][0])
@@ -407,7 +405,7 @@ def save_gguf(out_path: str | os.PathLike, cfg: llama.LlamaConfig, params: llama
         writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes),
                                raw_dtype=t.tensor_type)
 
-    with output_file(out_path, "wb", overwrite=overwrite) as f:
+    with outputs.output_file(out_path, "wb", overwrite=overwrite) as f:
         writer.fout = [f]
         writer.state = gguf.gguf_writer.WriterState.EMPTY
         writer.write_header_to_file()

@@ -8,6 +8,7 @@
                        [--truncate error] [--pack]    chat, alpaca, prompt/response or text records
     spsft-jax generate --model DIR [--adapter FILE] --prompt "reverse: abc -> "
     spsft-jax generate --model DIR --chat --prompt "Hello!" [--temperature 0.7 --top-p 0.9 --seed 1]
+    spsft-jax eval     --model DIR [--adapter FILE] --tasks arc_easy,hellaswag [--limit N] [--json]
     spsft-jax bench    [--setting small|llama2-7b|llama3-8b] [--json]
     spsft-jax plan     --model DIR [--rank 8]     trainable parameters and compiled memory
     spsft-jax plan     --model CONFIG.json --mesh data=1,fsdp=8 --method spsft --rank 128
@@ -33,14 +34,61 @@ from spsft_jax.assets import default_asset
 # --------------------------------------------------------------------------- helpers
 
 
+def _is_gguf(model) -> bool:
+    return model is not None and Path(model).suffix.lower() == ".gguf" and Path(model).is_file()
+
+
 def _load(args):
+    """(cfg, params) of --model: an HF folder (quantized as it loads with --quantize int8|nf4)
+    or a GGUF file (kept in its own blocks, or float with --quantize none)."""
     import jax.numpy as jnp
 
-    from spsft_jax import interop
+    from spsft_jax import interop, sharding
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
-    return interop.load_hf(args.model, dtype=dtype, allow_nonfinite=getattr(args, "allow_nonfinite", False),
-                           mesh=getattr(args, "mesh", None), quantize=getattr(args, "quantize", None))
+    quantize, mesh = getattr(args, "quantize", None), getattr(args, "mesh", None)
+    if not _is_gguf(args.model):
+        return interop.load_hf(args.model, dtype=dtype, allow_nonfinite=getattr(args, "allow_nonfinite", False),
+                               mesh=mesh, quantize=None if quantize == "none" else quantize)
+    cfg, params = interop.load_gguf(args.model, dtype=dtype, dequantize=quantize == "none")
+    return cfg, params if mesh is None else sharding.shard(params, sharding.make_mesh(mesh))
+
+
+def _quantized(args) -> bool:
+    """Whether the frozen linears load quantized (--quantize, or a GGUF's own blocks)."""
+    quantize = getattr(args, "quantize", None)
+    return quantize in ("int8", "nf4") or (quantize is None and _is_gguf(args.model))
+
+
+def _model_files(args):
+    """Sets `args.model_files`, the folder of the model's tokenizer and generation config:
+    the model folder, or for a GGUF file its tokenizer written to a temporary folder for
+    as long as the command runs."""
+    import contextlib
+    import tempfile
+
+    @contextlib.contextmanager
+    def files():
+        model, tokenizer = getattr(args, "model", None), getattr(args, "tokenizer", None)
+        if not _is_gguf(model) or args.command == "plan" or tokenizer:
+            if _is_gguf(model) and tokenizer:  # the given tokenizer's folder stands in for the model's
+                model = Path(tokenizer).parent if Path(tokenizer).is_file() else Path(tokenizer)
+            args.model_files = model
+            yield
+            return
+        from spsft_jax.interop import gguf_file
+
+        with tempfile.TemporaryDirectory(prefix="spsft-gguf-") as folder:
+            args.model_files = str(gguf_file.save_tokenizer(model, gguf_file.gguf_config(model), folder))
+            yield
+
+    return files()
+
+
+def _tokenizer(args):
+    from spsft_jax import data
+
+    return data.load_tokenizer(args.tokenizer or args.model_files)
 
 
 # Learning rates that suit pretrained checkpoints, per method (the embedded model's job
@@ -68,8 +116,8 @@ def _job_defaults(args) -> None:
         args.eval = None
     if getattr(args, "lr", "") is None:
         args.lr = DEFAULT_LR[args.method]
-    if getattr(args, "quantize", None) and "metric" not in getattr(args, "given", ()):
-        args.metric = "taylor-row"  # the element-wise form differentiates the weights themselves
+    if _quantized(args) and "metric" not in getattr(args, "given", ()):
+        args.metric = "taylor-row"  # a quantized base is for small memory: no dense weight gradient
     args.batch_size = args.batch_size or 8
     if getattr(args, "max_new_tokens", "") is None:
         args.max_new_tokens = 32
@@ -78,7 +126,7 @@ def _job_defaults(args) -> None:
 def _tokens(args, tokenizer):
     from spsft_jax import data
 
-    return data.special_tokens(tokenizer, args.model)
+    return data.special_tokens(tokenizer, args.model_files)
 
 
 def _max_len(args, cfg) -> int:
@@ -174,7 +222,7 @@ def cmd_finetune(args) -> int:
     _check_update(args)
     _check_context(args)
     cfg, params = _load(args)
-    tokenizer = data.load_tokenizer(args.tokenizer or args.model)
+    tokenizer = _tokenizer(args)
     pad_id = _tokens(args, tokenizer).pad
     encoded = _trainable(args, _examples(args, args.data, tokenizer, cfg))
     evaluate = _evaluator(args, cfg, params, tokenizer)
@@ -252,7 +300,7 @@ def cmd_select(args) -> int:
 
     _job_defaults(args)
     cfg, params = _load(args)
-    tokenizer = data.load_tokenizer(args.tokenizer or args.model)
+    tokenizer = _tokenizer(args)
     pad_id = _tokens(args, tokenizer).pad
     chosen = _selection(args, cfg, params, _examples(args, args.data, tokenizer, cfg), pad_id)
     selection_lib.save(args.out, chosen, model=str(args.model), targets=json.dumps(args.targets),
@@ -262,18 +310,26 @@ def cmd_select(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from spsft_jax import delta as deltas, interop
+    from spsft_jax import checkpoint, interop
+    from spsft_jax import delta as deltas
 
+    if args.format != "gguf":
+        args.quantize = "none"  # a float merge: no row is rounded to a GGUF kind first
     cfg, params = _load(args)
     delta = _adapter(args, cfg, params)
+    # A merged model records the adapters it holds, so none is applied to it twice.
     if args.format == "peft":
         interop.save_peft_adapter(args.out, cfg, delta, base_model_name_or_path=str(args.model),
                                   overwrite=args.overwrite)
+    elif args.format == "gguf":
+        # Only the trained rows are requantized: every other row keeps the input file's bytes.
+        record = interop.merged_adapters(args.model) + (checkpoint.adapter_digest(args.adapter),)
+        interop.save_gguf(args.out, cfg, deltas.merge(params, delta), like=args.model,
+                          merged_adapters=record, overwrite=args.overwrite)
     else:
-        # The merged model records the adapters it holds, so none is applied to it twice.
         interop.save_merged(args.out, cfg, deltas.merge(params, delta), model_dir=args.model,
                             adapter_path=args.adapter, max_shard_size=args.max_shard_size,
-                            overwrite=args.overwrite)
+                            tokenizer_from=args.model_files, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0
 
@@ -282,7 +338,7 @@ def cmd_generate(args) -> int:
     from spsft_jax import data, generate
 
     cfg, params = _load(args)
-    tokenizer = data.load_tokenizer(args.tokenizer or args.model)
+    tokenizer = _tokenizer(args)
     delta = _adapter(args, cfg, params) if args.adapter else None
     outputs = generate.complete(cfg, params, tokenizer, args.prompt, chat=args.chat,
                                 tokens=_tokens(args, tokenizer), delta=delta,
@@ -290,6 +346,26 @@ def cmd_generate(args) -> int:
                                 top_p=args.top_p, seed=args.seed)
     for prompt, out in zip(args.prompt, outputs):
         print(out if args.chat else f"{prompt}{out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from functools import partial
+
+    from tqdm import tqdm
+
+    from spsft_jax import tasks
+
+    try:
+        items = tasks.load_all(args.tasks, split=args.split, limit=args.limit)
+    except ImportError as err:  # the optional data packages
+        raise ValueError(str(err)) from None
+    cfg, params = _load(args)
+    tokenizer = _tokenizer(args)
+    delta = _adapter(args, cfg, params) if args.adapter else None
+    result = tasks.run(cfg, params, tokenizer, items, delta=delta, batch_size=args.batch_size,
+                       progress=partial(tqdm, file=sys.stderr, leave=False, disable=None))
+    print(json.dumps(result) if args.json else tasks.table(result))
     return 0
 
 
@@ -314,13 +390,18 @@ def cmd_bench(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    import jax.numpy as jnp
+
     from spsft_jax import memory
 
     cfg = _load_config(args.model)
     if args.mesh is not None:
+        if args.quantize:
+            raise UsageError("--quantize with --mesh: plan the quantized step on one device")
         return _plan_on_mesh(args, cfg)
     print_rows(memory.plan(cfg, rank=args.rank, seq_len=args.seq_len, batch_size=args.batch_size,
-                           remat=args.remat, update=args.update), as_json=args.json)
+                           remat=args.remat, update=args.update, dtype=getattr(jnp, args.dtype),
+                           quantize=args.quantize), as_json=args.json)
     return 0
 
 
@@ -368,6 +449,7 @@ UPDATE_HELP = ("global (default): the whole gradient, clipped by its global norm
 COLUMNS = (  # header, width, how a row shows it
     ("setting", 10, lambda r: r["setting"]),
     ("method", 18, lambda r: r["method"]),
+    ("weights", 8, lambda r: r.get("weights", "")),
     ("rank", 5, lambda r: r["rank"] or ""),
     ("tt", 5, lambda r: r["tokentune"] or ""),
     ("remat", 6, lambda r: r["remat"] or "-"),
@@ -385,7 +467,7 @@ COLUMNS = (  # header, width, how a row shows it
 def print_rows(rows: list[dict], *, as_json: bool = False, header: bool = True) -> None:
     """`spsft_jax.memory.measure` rows as JSON lines or a fixed-width text table."""
     def line(cells):
-        return " ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}"
+        return " ".join(f"{c:<{w}}" if i < 3 else f"{c:>{w}}"
                         for i, (c, (_, w, _)) in enumerate(zip(cells, COLUMNS)))
 
     if as_json:
@@ -418,6 +500,10 @@ def cmd_convert(args) -> int:
 def _load_config(model):
     from spsft_jax import interop
 
+    if _is_gguf(model):
+        from spsft_jax.interop import gguf_file
+
+        return gguf_file.gguf_config(model)
     return interop.read_config(model)
 
 
@@ -425,8 +511,10 @@ def _load_config(model):
 
 
 def _model_options(p, *, data: bool):
-    p.add_argument("--model", default=str(default_asset()), help="HF Llama folder (default: the embedded tiny model)")
-    p.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the model folder)")
+    p.add_argument("--model", default=str(default_asset()),
+                   help="HF Llama folder or GGUF file (default: the embedded tiny model)")
+    p.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the model folder's, or the "
+                                       "GGUF file's own)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     if data:
         _quantize_option(p)
@@ -453,9 +541,10 @@ def _model_options(p, *, data: bool):
 
 
 def _quantize_option(p) -> None:
-    p.add_argument("--quantize", choices=["int8", "nf4"],
-                   help="hold the frozen linear weights quantized as they load (dequantized layer by "
-                        "layer; embeddings, norms and head stay float); scores default to taylor-row")
+    p.add_argument("--quantize", choices=["int8", "nf4", "none"],
+                   help="hold an HF folder's frozen linear weights quantized as they load (dequantized "
+                        "layer by layer; embeddings, norms and head stay float); a GGUF --model keeps its "
+                        "own blocks unless --quantize none; quantized, scores default to taylor-row")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -489,11 +578,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_select)
 
-    p = sub.add_parser("export", help="merged HF checkpoint or PEFT adapter from an adapter file")
+    p = sub.add_parser("export", help="merged HF checkpoint, merged GGUF or PEFT adapter from an adapter file")
     _model_options(p, data=False)
     p.add_argument("--adapter", required=True, action="append", help="an adapter file (once)")
     p.add_argument("--out", required=True)
-    p.add_argument("--format", default="hf", choices=["hf", "peft"])
+    p.add_argument("--format", default="hf", choices=["hf", "peft", "gguf"],
+                   help="hf: a merged float folder; peft: the adapter for PEFT; gguf: a merged GGUF file "
+                        "laid out as --model's (a GGUF), only the trained rows requantized")
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=cmd_export)
 
@@ -509,6 +600,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("eval", help="zero-shot multiple-choice benchmarks, scored as lm-evaluation-harness does")
+    _model_options(p, data=False)
+    _quantize_option(p)
+    p.add_argument("--adapter", action="append", help="an adapter file (once), applied unmerged")
+    p.add_argument("--tasks", required=True, type=_task_names,
+                   help="comma-separated: arc_easy, arc_challenge, hellaswag, piqa, boolq, winogrande, "
+                        "openbookqa, mmlu, mmlu_<subject>, or a JSONL file of {query, choices, gold} lines")
+    p.add_argument("--limit", type=int, help="the first N items of each task (of each subject for mmlu)")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    p.add_argument("--json", action="store_true", help="print the results, with every item's, as JSON")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("bench", help="memory and speed of each method, side by side")
     p.add_argument("--setting", action="append", choices=["small", "llama2-7b", "llama3-8b"],
                    help="repeatable; default: all")
@@ -518,7 +622,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plan", help="trainable parameters and compiled memory per method for a config")
-    p.add_argument("--model", default=str(default_asset()), help="HF folder or config.json")
+    p.add_argument("--model", default=str(default_asset()), help="HF folder, config.json or GGUF file")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=1)
@@ -533,7 +637,9 @@ def parser() -> argparse.ArgumentParser:
                    help="with --mesh: the method to plan")
     p.add_argument("--tokentune", type=float, help="with --mesh: fraction of tokens to backpropagate through")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="with --mesh: the frozen weights' dtype (on CPU, bf16 temporaries are up-cast)")
+                   help="the frozen weights' dtype (on CPU, bf16 temporaries are up-cast)")
+    p.add_argument("--quantize", choices=["int8", "nf4"],
+                   help="the frozen linear weights held quantized, as finetune --quantize holds them")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("convert", help="a Llama GGUF file as an HF folder (weights, config, tokenizer)")
@@ -561,7 +667,7 @@ def _safety_options(sub) -> None:
     """Options every subcommand shares: error display, and how outputs and checkpoints behave."""
     for name, p in sub.choices.items():
         p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-        if name in ("finetune", "select", "export", "generate"):
+        if name in ("finetune", "select", "export", "generate", "eval"):
             p.add_argument("--allow-nonfinite", action="store_true",
                            help="load weights that hold NaN or Inf (refused by default)")
         if name in ("finetune", "select", "export", "convert"):
@@ -597,6 +703,7 @@ OPTION_RULES = {
     "importance_batches": (_positive_int, "an integer >= 1"),
     "max_new_tokens": (_positive_int, "an integer >= 1"),
     "max_len": (_positive_int, "an integer >= 1"),
+    "limit": (_positive_int, "an integer >= 1"),
     "epochs": (_positive_float, "a positive number"),
     "temperature": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: greedy)"),
     "top_p": (lambda v: _positive_float(v) and v <= 1, "a fraction in (0, 1]"),
@@ -642,10 +749,16 @@ def _check_outputs(args) -> None:
         outputs.check_dir(args.out, kind="run", overwrite=overwrite, what="--out",
                           entries=RUN_ENTRIES if checkpointing else RUN_ENTRIES[:-1])
     elif args.command == "export":
-        kind = "peft" if args.format == "peft" else "hf"
-        outputs.check_dir(args.out, kind=kind, overwrite=overwrite, what="--out")
-        if Path(args.out).absolute() == Path(args.model).absolute() and not overwrite:
-            raise outputs.OutputError(f"--out {args.out}: is the --model folder")
+        if Path(args.out).absolute() == Path(args.model).absolute():
+            raise outputs.OutputError(f"--out {args.out}: is the --model {'file' if _is_gguf(args.model) else 'folder'}")
+        if args.format == "gguf":
+            if not _is_gguf(args.model):
+                raise UsageError(f"--format gguf: writes the layout of a GGUF --model; --model {args.model} "
+                                 f"is not a .gguf file")
+            outputs.check_file(args.out, overwrite=overwrite, what="--out")
+        else:
+            outputs.check_dir(args.out, kind="peft" if args.format == "peft" else "hf", overwrite=overwrite,
+                              what="--out")
     elif args.command == "select":
         outputs.check_file(args.out, overwrite=overwrite, what="--out")
     elif args.command == "convert":
@@ -685,16 +798,17 @@ def _file_kind(path: Path) -> str:
 
 
 def _check_model(args) -> None:
-    """--model is a model folder (or, for plan, a config.json): a GGUF file points to convert."""
+    """--model is a model folder or a GGUF file (or, for plan, a config.json)."""
     model = getattr(args, "model", None)
-    if model is None or not Path(model).is_file():
+    quantize = getattr(args, "quantize", None)
+    if _is_gguf(model) and quantize not in (None, "none"):
+        raise UsageError(f"--quantize {quantize}: --model is a GGUF file, kept in its own blocks "
+                         f"(the default) or dequantized with --quantize none")
+    if model is None or not Path(model).is_file() or _is_gguf(model):
         return
-    if Path(model).suffix.lower() == ".gguf":
-        raise UsageError(f"--model {model}: a GGUF file; convert it to a model folder first: "
-                         f"spsft-jax convert {model} DIR, then --model DIR")
     if args.command != "plan":
-        raise UsageError(f"--model {model}: is a file; give the model's folder (config.json, weights, "
-                         f"tokenizer)")
+        raise UsageError(f"--model {model}: is a file but not a .gguf; give a GGUF file or the model's "
+                         f"folder (config.json, weights, tokenizer)")
 
 
 def _check_update(args) -> None:
@@ -794,7 +908,7 @@ def _check_context(args) -> None:
         if value is not None and value > cfg.max_position_embeddings:
             raise UsageError(f"--{name.replace('_', '-')} {value}: longer than the model's context of "
                              f"{cfg.max_position_embeddings} tokens (max_position_embeddings in "
-                             f"{Path(args.model) / 'config.json'})")
+                             f"{args.model if _is_gguf(args.model) else Path(args.model) / 'config.json'})")
 
 
 def _trainable(args, encoded):
@@ -861,6 +975,8 @@ def _writing(args):
 
     from spsft_jax import outputs
 
+    if args.command == "export" and args.format == "gguf":
+        return outputs.lock(args.out, folder=False, what="--out")
     if args.command in ("finetune", "export"):
         return outputs.lock(args.out, what="--out")
     if args.command == "convert":
@@ -879,6 +995,13 @@ def _kept(args) -> str:
     folder = Path(args.out) / "checkpoints"
     step = checkpoint.latest_step(folder)
     return "" if step is None else f"; the latest checkpoint is step {step} in {folder} (--resume continues)"
+
+
+def _task_names(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{value!r}: give at least one task")
+    return names
 
 
 def _targets(value: str):
@@ -933,7 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_outputs(args)
         _check_inputs(args)
         _use_compile_cache(compile_cache_folder(os.environ))
-        with _writing(args):
+        with _writing(args), _model_files(args):
             return args.func(args)
     except (UsageError, ValueError, OSError, KeyError, NotImplementedError, FloatingPointError,
             SafetensorError) as err:

@@ -258,12 +258,24 @@ def output_dir(
 # --------------------------------------------------------------------------- single files
 
 
+# The metadata key of the adapters merged into a GGUF we wrote (`interop.save_gguf`).
+GGUF_MARK = "spsft_jax.merged_adapters"
+
+
 def is_ours(path: str | os.PathLike) -> bool:
-    """Whether a file was written by spsft-jax: listed in its folder's marker, or a
-    safetensors file whose metadata says so (adapters and selections)."""
+    """Whether a file was written by spsft-jax: listed in its folder's marker, a
+    safetensors file whose metadata says so (adapters and selections), or a GGUF that
+    records the adapters merged into it (`spsft-jax export --format gguf`)."""
     file = Path(path)
     if any(file.name in files for files in recorded(file.parent).values()):
         return True
+    if file.suffix.lower() == ".gguf":
+        try:
+            import gguf
+
+            return GGUF_MARK in gguf.GGUFReader(file).fields
+        except Exception:  # noqa: BLE001 - unreadable, or no gguf package: not ours
+            return False
     try:
         from safetensors import safe_open
 

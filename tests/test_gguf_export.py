@@ -370,6 +370,8 @@ def test_the_command_line_trains_on_a_gguf_and_exports_one(tiny_gguf, tmp_path, 
     from spsft_jax.checkpoint import adapter_digest
     from spsft_jax.interop import merged_adapters
     assert merged_adapters(merged) == (adapter_digest(adapter),)
+    code, _, err = _cli(capsys, "export", *model, "--adapter", adapter, "--format", "gguf", "--out", merged)
+    assert code == 0, err  # its own earlier output: replaced without --overwrite
     # the merged file runs the adapter's text with no adapter; the adapter is refused on it
     code, out, err = _cli(capsys, "generate", "--model", merged, "--tokenizer", asset, "--prompt", "What is 2 plus 2? ")
     assert code == 0 and out == texts[0], err
