@@ -214,13 +214,44 @@ def linear(x: jax.Array, module: Mapping[str, jax.Array], delta=None) -> jax.Arr
     """
     if getattr(delta, "folds", False):
         module, delta = delta.fold(module), None
-    # A quantized frozen weight is dequantized here, one layer's at a time inside the scan.
-    y = jnp.einsum("...i,oi->...o", x, quant.dequantize(module["weight"], x.dtype))
+    weight = module["weight"]
+    if quant.is_quantized(weight):  # one layer's at a time inside the scan; a wide head by rows
+        y = quantized_product(x, weight)
+    else:
+        y = jnp.einsum("...i,oi->...o", x, weight)
     if delta is not None:
         y = delta.apply(x, y)
     if "bias" in module:
         y = y + module["bias"]
     return y
+
+
+# Rows of a quantized weight decoded at once: an LM head of 49k-262k rows is multiplied a
+# block of rows at a time, so its float copy never exists whole (nor, under a loop, hoisted).
+DECODED_ROWS = 8192
+
+
+def _row_blocks(rows: int) -> int:
+    """Blocks of at most DECODED_ROWS that split `rows` evenly (1 when none is near)."""
+    least = -(-rows // DECODED_ROWS)
+    return next((n for n in range(least, 4 * least + 1) if rows % n == 0), 1)
+
+
+def quantized_product(x: jax.Array, weight: quant.QuantizedWeight) -> jax.Array:
+    """`x @ W.T` for a quantized [out, in] weight, decoded to `x`'s dtype: whole for a
+    layer's linear, in row blocks (`lax.scan`, each block recomputed in the backward
+    pass) for a weight of many rows."""
+    rows = weight.data.shape[-2]
+    n = _row_blocks(rows) if weight.data.ndim == 2 else 1
+    if n == 1:
+        return jnp.einsum("...i,oi->...o", x, weight.dequantize(x.dtype))
+
+    @jax.checkpoint
+    def block(_, data):
+        return None, jnp.einsum("...i,oi->...o", x, weight.replace(data=data).dequantize(x.dtype))
+
+    _, ys = jax.lax.scan(block, None, jnp.asarray(weight.data).reshape(n, rows // n, -1))
+    return jnp.moveaxis(ys, 0, -2).reshape(x.shape[:-1] + (rows,))
 
 
 def rms_norm(x: jax.Array, module: Mapping[str, jax.Array], eps: float, delta=None) -> jax.Array:

@@ -375,3 +375,20 @@ def test_quantized_bytes_shard_by_rows():
     assert sharding.leaf_spec(path, (2, 6, 144), jnp.uint8, 4) == jax.sharding.PartitionSpec()  # 6 rows: no
     rows = (jax.tree_util.DictKey("layers"), jax.tree_util.DictKey("rows"))
     assert sharding.leaf_spec(rows, (2, 8, 16), jnp.uint8, 4) == jax.sharding.PartitionSpec()  # not weight bytes
+
+
+def test_a_wide_quantized_weight_is_multiplied_a_block_of_rows_at_a_time(monkeypatch):
+    from spsft_jax import llama
+
+    monkeypatch.setattr(llama, "DECODED_ROWS", 16)
+    rng = np.random.default_rng(12)
+    q = quant.quantize(rng.standard_normal((96, 64)).astype(np.float32), "Q8_0")
+    x = jnp.asarray(rng.standard_normal((2, 5, 64)), jnp.float32)
+    assert llama._row_blocks(96) == 6 and llama._row_blocks(97) == 1  # 97 is prime: whole
+    dense = lambda x: jnp.einsum("...i,oi->...o", x, q.dequantize())  # noqa: E731
+    blocked = lambda x: llama.quantized_product(x, q)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(blocked)(x), dense(x), rtol=1e-5, atol=1e-5)  # sums in another order
+    grad = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)  # noqa: E731
+    np.testing.assert_allclose(grad(blocked), grad(dense), rtol=1e-5, atol=1e-4)  # entries up to ~10
+    text = jax.jit(jax.grad(lambda x: jnp.sum(blocked(x)))).lower(x).as_text()
+    assert "f32[96,64]" not in text  # no float copy of the whole weight, forward or backward
