@@ -26,8 +26,8 @@ def _checkout_interop():
 _checkout_interop()
 
 from spsft_jax import (  # noqa: E402
-    checkpoint, data, delta, evaluate, generate, importance, llama, losses, memory, outputs, selection,
-    tokentune, train, trees,
+    checkpoint, data, delta, evaluate, generate, importance, llama, losses, memory, multiple_choice, outputs,
+    quant, selection, tasks, tokentune, train, trees,
 )
 from spsft_jax import interop  # noqa: E402
 from spsft_jax.delta import merge  # noqa: E402
@@ -35,5 +35,5 @@ from spsft_jax.train import FinetuneResult, finetune  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["FinetuneResult", "checkpoint", "data", "delta", "evaluate", "finetune", "generate",
-           "importance", "interop", "llama", "losses", "memory", "merge", "outputs", "selection", "tokentune", "train",
-           "trees"]
+           "importance", "interop", "llama", "losses", "memory", "merge", "multiple_choice", "outputs", "quant",
+           "selection", "tasks", "tokentune", "train", "trees"]
