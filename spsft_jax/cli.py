@@ -363,7 +363,7 @@ def cmd_eval(args) -> int:
     cfg, params = _load(args)
     tokenizer = _tokenizer(args)
     delta = _adapter(args, cfg, params) if args.adapter else None
-    result = tasks.run(cfg, params, tokenizer, items, delta=delta, batch_size=args.batch_size,
+    result = tasks.run(cfg, params, tokenizer, items, delta=delta, batch_size=args.batch_size, mesh=args.mesh,
                        progress=partial(tqdm, file=sys.stderr, leave=False, disable=None))
     print(json.dumps(result) if args.json else tasks.table(result))
     return 0
@@ -611,6 +611,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="validation")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     p.add_argument("--json", action="store_true", help="print the results, with every item's, as JSON")
+    p.add_argument("--mesh", help="devices as AXIS=SIZE over data and fsdp, e.g. data=2,fsdp=4 (rows split "
+                                  "over both, weights over fsdp; default: one device)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="memory and speed of each method, side by side")

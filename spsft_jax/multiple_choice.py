@@ -142,20 +142,58 @@ def row_log_probs(cfg: llama.LlamaConfig, params: llama.Params, delta: Any, inpu
     return llama.token_blocks(block, (scored, targets), chunk).sum(axis=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Placement:
+    """Where the scorer's arrays lie: as they are (no mesh), or laid out on `mesh` by
+    `spsft_jax.sharding`, each batch's rows split over the batch axes."""
+
+    mesh: Any = None
+
+    def tree(self, tree):
+        if self.mesh is None or tree is None:
+            return tree
+        from spsft_jax import sharding
+
+        return sharding.shard(tree, self.mesh)
+
+    def batch(self, arrays: dict) -> dict:
+        if self.mesh is None:
+            return arrays
+        from spsft_jax import sharding
+
+        return sharding.place_batch(arrays, self.mesh, axis=0)
+
+    @property
+    def rows(self) -> int:
+        """The multiple of rows a batch needs."""
+        if self.mesh is None:
+            return 1
+        from spsft_jax import sharding
+
+        return math.prod(dict(self.mesh.shape)[a] for a in sharding.batch_axes(self.mesh))
+
+
 def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
 def log_likelihoods(cfg: llama.LlamaConfig, params: llama.Params,
                     requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, delta: Any = None,
-                    batch_size: int = 16, max_len: int | None = None, progress=None) -> np.ndarray:
+                    batch_size: int = 16, max_len: int | None = None, progress=None, mesh=None) -> np.ndarray:
     """Log-probability of each (context ids, continuation ids) request's continuation: `[n]`.
 
     Requests with the same input and scored length share a row; rows are sorted longest
     first and padded to `data.bucket_length` shapes. `progress(k)` is called as k more
-    requests are done.
+    requests are done. mesh: a `jax.sharding.Mesh` or spec ("data=2,fsdp=4"): params and
+    delta laid out by `spsft_jax.sharding`, each batch's rows split over the devices.
     """
     max_len = max_len or cfg.max_position_embeddings
+    if mesh is not None:
+        from spsft_jax import sharding
+
+        mesh = sharding.make_mesh(mesh)
+    place = _Placement(mesh)
+    params, delta = place.tree(params), place.tree(delta)
     rows: dict[tuple[tuple[int, ...], int], dict[tuple[int, ...], list[int]]] = {}
     for i, (context_ids, continuation_ids) in enumerate(requests):
         key = request_tokens(context_ids, continuation_ids, max_len)
@@ -165,6 +203,7 @@ def log_likelihoods(cfg: llama.LlamaConfig, params: llama.Params,
     for first in range(0, len(order), batch_size):
         batch = order[first:first + batch_size]
         r = batch_size if len(batch) == batch_size else min(batch_size, _next_power_of_two(len(batch)))
+        r = -(-r // place.rows) * place.rows  # whole rows on every device
         t = bucket_length(max(len(ids) for ids, _ in batch))
         c = bucket_length(max(n for _, n in batch))
         k = _next_power_of_two(max(len(rows[key]) for key in batch))
@@ -178,7 +217,9 @@ def log_likelihoods(cfg: llama.LlamaConfig, params: llama.Params,
             starts[row] = len(ids) - n
             for j, continuation in enumerate(rows[key]):
                 targets[row, :n, j] = continuation
-        scores = np.asarray(row_log_probs(cfg, params, delta, input_ids, mask, starts, targets))
+        arrays = place.batch({"input_ids": input_ids, "mask": mask, "starts": starts, "targets": targets})
+        scores = np.asarray(row_log_probs(cfg, params, delta, arrays["input_ids"], arrays["mask"],
+                                          arrays["starts"], arrays["targets"]))
         done = 0
         for row, key in enumerate(batch):
             for j, indices in enumerate(rows[key].values()):
@@ -224,10 +265,11 @@ def aggregate(results: Sequence[dict[str, Any]], metrics: Sequence[str] = ("acc"
 def evaluate(cfg: llama.LlamaConfig, params: llama.Params, tokenizer, items: Sequence[Item], *,
              delta: Any = None, batch_size: int = 16, max_len: int | None = None,
              add_special_tokens: bool | None = None, metrics: Sequence[str] = ("acc", "acc_norm"),
-             progress=None) -> dict[str, Any]:
+             progress=None, mesh=None) -> dict[str, Any]:
     """Score every choice of every item; per-item results and the aggregated metrics
     (see the module docstring). `progress(total=requests)`, if given, makes a progress
-    bar (`tqdm.tqdm` or alike: `update(k)`, `close()`).
+    bar (`tqdm.tqdm` or alike: `update(k)`, `close()`). mesh: score on a device mesh
+    (`log_likelihoods`).
 
     >>> from spsft_jax import assets, data, interop, multiple_choice
     >>> cfg, params = interop.load_hf(assets.default_asset())
@@ -250,7 +292,7 @@ def evaluate(cfg: llama.LlamaConfig, params: llama.Params, tokenizer, items: Seq
     bar = progress(total=len(requests)) if progress is not None else None
     try:
         scores = log_likelihoods(cfg, params, requests, delta=delta, batch_size=batch_size,
-                                 max_len=max_len, progress=bar.update if bar is not None else None)
+                                 max_len=max_len, progress=bar.update if bar is not None else None, mesh=mesh)
     finally:
         if bar is not None:
             bar.close()

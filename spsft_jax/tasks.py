@@ -265,9 +265,10 @@ def load_all(names: Sequence[str], *, split: str = "validation", limit: int | No
 
 def run(cfg, params, tokenizer, tasks: Sequence[str] | Mapping[str, Sequence[Item]], *,
         split: str = "validation", limit: int | None = None, delta: Any = None, batch_size: int = 16,
-        max_len: int | None = None, progress=None) -> dict[str, Any]:
+        max_len: int | None = None, progress=None, mesh=None) -> dict[str, Any]:
     """Score each task, given by name or as `load_all`'s items (see the module docstring).
-    `progress(total=, desc=task)` makes a progress bar per task (`tqdm.tqdm`)."""
+    `progress(total=, desc=task)` makes a progress bar per task (`tqdm.tqdm`); `mesh`
+    scores on a device mesh (`multiple_choice.log_likelihoods`)."""
     from spsft_jax import multiple_choice
 
     loaded = tasks if isinstance(tasks, Mapping) else load_all(tasks, split=split, limit=limit)
@@ -276,7 +277,7 @@ def run(cfg, params, tokenizer, tasks: Sequence[str] | Mapping[str, Sequence[Ite
         bar = None if progress is None else (lambda total, name=name: progress(total=total, desc=name))
         results[name] = multiple_choice.evaluate(cfg, params, tokenizer, items, delta=delta,
                                                  batch_size=batch_size, max_len=max_len,
-                                                 metrics=metrics(name), progress=bar)
+                                                 metrics=metrics(name), progress=bar, mesh=mesh)
     return {"tasks": results, "average": average(results)}
 
 

@@ -159,6 +159,15 @@ SCRIPT = textwrap.dedent("""
         "delta": rel(plain.delta, sharded.delta),
         "bytes": [list(placed.data.shape), [list(s) for s in shard_shapes(placed.data)]]}
 
+    # Multiple-choice log-likelihoods on a mesh (odd request counts: rows padded to the devices).
+    requests = [(rng.integers(0, cfg.vocab_size, n).tolist(), rng.integers(0, cfg.vocab_size, m).tolist())
+                for n, m in [(5, 1), (9, 3), (3, 2), (12, 1), (7, 4)]]
+    d = plain.delta  # trained rows (the quantized run above: the same selection)
+    plain_ll = sj.multiple_choice.log_likelihoods(cfg, params, requests, delta=d, batch_size=4)
+    mesh_ll = sj.multiple_choice.log_likelihoods(cfg, params, requests, delta=d, batch_size=4,
+                                                 mesh=sharding.make_mesh("data=2,fsdp=4"))
+    out["multiple_choice"] = float(np.max(np.abs(plain_ll - mesh_ll) / np.abs(plain_ll)))
+
     # A sharded load of a several-file safetensors checkpoint, and the host memory it takes.
     big = sj.llama.LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024,
                                num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64)
@@ -273,6 +282,10 @@ def test_sharded_load_equals_plain_load(measured):
     assert load["max_diff"] == 0.0
     assert load["embed_shards"] == [[2048 // 4, 256]]
     assert load["export_diff"] == 0.0
+
+
+def test_multiple_choice_scores_on_a_mesh_equal_one_device(measured):
+    assert measured["multiple_choice"] <= TOL
 
 
 @pytest.mark.parametrize("what", ["loss", "delta"])
