@@ -54,12 +54,6 @@ def _load(args):
     return cfg, params if mesh is None else sharding.shard(params, sharding.make_mesh(mesh))
 
 
-def _quantized(args) -> bool:
-    """Whether the frozen linears load quantized (--quantize, or a GGUF's own blocks)."""
-    quantize = getattr(args, "quantize", None)
-    return quantize in ("int8", "nf4") or (quantize is None and _is_gguf(args.model))
-
-
 def _model_files(args):
     """Sets `args.model_files`, the folder of the model's tokenizer and generation config:
     the model folder, or for a GGUF file its tokenizer written to a temporary folder for
@@ -116,8 +110,6 @@ def _job_defaults(args) -> None:
         args.eval = None
     if getattr(args, "lr", "") is None:
         args.lr = DEFAULT_LR[args.method]
-    if _quantized(args) and "metric" not in getattr(args, "given", ()):
-        args.metric = "taylor-row"  # a quantized base is for small memory: no dense weight gradient
     args.batch_size = args.batch_size or 8
     if getattr(args, "max_new_tokens", "") is None:
         args.max_new_tokens = 32
@@ -324,14 +316,25 @@ def cmd_export(args) -> int:
     elif args.format == "gguf":
         # Only the trained rows are requantized: every other row keeps the input file's bytes.
         record = interop.merged_adapters(args.model) + (checkpoint.adapter_digest(args.adapter),)
-        interop.save_gguf(args.out, cfg, deltas.merge(params, delta), like=args.model,
-                          merged_adapters=record, overwrite=args.overwrite)
+        merged = deltas.merge(params, delta)
+        interop.save_gguf(args.out, cfg, merged, like=args.model, merged_adapters=record, overwrite=args.overwrite)
+        kept = deltas.requantized_report(params, merged, delta)
+        line = (f"the requantized rows hold the update with {100 * kept['error']:.0f}% relative error "
+                f"({100 * kept['norm_kept']:.0f}% of its norm)")
+        if kept["error"] > REQUANTIZE_WARNING:  # rounding, not the update, decides those rows
+            line = (f"warning: {line}: the file's quantization step is wider than this update; "
+                    f"apply the adapter unmerged or export --format hf to keep it")
+        print(line)
     else:
         interop.save_merged(args.out, cfg, deltas.merge(params, delta), model_dir=args.model,
                             adapter_path=args.adapter, max_shard_size=args.max_shard_size,
                             tokenizer_from=args.model_files, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0
+
+
+# Relative error of requantized rows above which a GGUF export says the update is lost.
+REQUANTIZE_WARNING = 0.5
 
 
 def cmd_generate(args) -> int:
@@ -544,7 +547,7 @@ def _quantize_option(p) -> None:
     p.add_argument("--quantize", choices=["int8", "nf4", "none"],
                    help="hold an HF folder's frozen linear weights quantized as they load (dequantized "
                         "layer by layer; embeddings, norms and head stay float); a GGUF --model keeps its "
-                        "own blocks unless --quantize none; quantized, scores default to taylor-row")
+                        "own blocks unless --quantize none")
 
 
 def parser() -> argparse.ArgumentParser:

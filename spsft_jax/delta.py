@@ -414,6 +414,36 @@ def merge_report(params: Params, delta: Any, dtype=jnp.bfloat16) -> dict[str, fl
             "error": error_sq**0.5 / scale}
 
 
+def requantized_report(params: Params, merged: Params, delta: Any) -> dict[str, float]:
+    """How much of a row delta's update a quantized merge (`merge`, requantize="rows")
+    keeps: {"norm_kept": |merged - base| / |update|, "error": |merged - base - update| /
+    |update|}, Frobenius norms over the trained rows (1.0 / 0.0: all kept, exactly).
+    Reads only those rows, layer by layer: a 4-bit kind's step can be wider than a
+    small update, which rounding then drops."""
+    update_sq = kept_sq = error_sq = 0.0
+    for path, d in leaves(delta):
+        base, new = _module_at(params, path)["weight"], _module_at(merged, path)["weight"]
+        if not (isinstance(d, RowDelta) and quant.is_quantized(base)):
+            continue
+        rows = np.asarray(d.rows).reshape((-1,) + d.rows.shape[-1:])
+        update = np.asarray(d.w_f, np.float32) * (1.0 if d.mask is None else np.asarray(d.mask)[..., None])
+        update = update.reshape((-1,) + d.w_f.shape[-2:])
+        for layer in range(rows.shape[0]):
+            pick = lambda w: np.asarray(quant.dequantize(  # noqa: E731
+                w.layer(layer) if w.ndim == 3 else w, jnp.float32))[rows[layer]]
+            chosen, slot = np.unique(rows[layer], return_inverse=True)
+            summed = np.zeros((len(chosen), base.cols), np.float32)
+            np.add.at(summed, slot, update[layer])
+            added = summed[slot]  # a row picked twice carries both updates
+            kept = pick(new) - pick(base)
+            first = np.unique(rows[layer], return_index=True)[1]  # each row once
+            update_sq += float(np.sum(added[first] ** 2))
+            kept_sq += float(np.sum(kept[first] ** 2))
+            error_sq += float(np.sum((kept[first] - added[first]) ** 2))
+    scale = update_sq**0.5 or 1.0
+    return {"norm_kept": kept_sq**0.5 / scale, "error": error_sq**0.5 / scale}
+
+
 def leaves(delta: Any) -> list[tuple[tuple[str, ...], Any]]:
     """(module path, delta object) for every delta in the tree."""
     return trees.entries(delta, is_delta, "delta")

@@ -125,15 +125,26 @@ def test_tiny_changed_floats_are_written_in_like_types(tmp_path):
     assert rows_changed.tolist() == [int(np.flatnonzero(permute(np.arange(cfg.hidden_size), heads) == 5)[0])]
 
 
-def _random_row_delta(params, targets="all-linear", rank=2, seed=0):
+def _random_row_delta(params, targets="all-linear", rank=2, seed=0, scale=0.05):
     """A row delta on every targeted linear with random W_f (a trained delta's stand-in)."""
     scores = importance.magnitude(None, params, targets=targets)
     d = delta_lib.rows_from_selection(params, selection.select(scores, rank=rank))
     key = iter(jax.random.split(jax.random.key(seed), 16))
     for path, rd in delta_lib.leaves(d):
-        rd = dataclasses.replace(rd, w_f=0.05 * jax.random.normal(next(key), rd.w_f.shape, jnp.float32))
+        rd = dataclasses.replace(rd, w_f=scale * jax.random.normal(next(key), rd.w_f.shape, jnp.float32))
         d = trees.set_nested(d, path, rd)
     return d
+
+
+def test_requantized_report_tells_a_kept_update_from_a_rounded_away_one(tmp_path):
+    src = _tiny_gguf(tmp_path / "tiny.gguf")  # Q8_0 linears: a step of max|block| / 127
+    _, params = load_gguf(src, dequantize=False)
+    reports = {}
+    for scale in (1.0, 1e-5):
+        d = _random_row_delta(params, scale=scale)
+        reports[scale] = delta_lib.requantized_report(params, delta_lib.merge(params, d), d)
+    assert reports[1.0]["error"] < 0.05 and 0.95 < reports[1.0]["norm_kept"] < 1.05
+    assert reports[1e-5]["error"] > 0.5  # far below a step: rounding decides the rows
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -348,7 +359,7 @@ def test_the_command_line_trains_on_a_gguf_and_exports_one(tiny_gguf, tmp_path, 
     before, after = (float(x) for x in out.split("eval loss ")[1].split(";")[0].split(" -> "))
     assert after < before
     from spsft_jax import selection as selection_lib
-    assert selection_lib.load(tmp_path / "run" / "selection.safetensors")[1]["metric"] == "taylor-row"
+    assert selection_lib.load(tmp_path / "run" / "selection.safetensors")[1]["metric"] == "taylor"
     adapter = tmp_path / "run" / "adapter.safetensors"
 
     # the adapter on the GGUF (kept quantized) and on its float load: the same text
@@ -361,7 +372,7 @@ def test_the_command_line_trains_on_a_gguf_and_exports_one(tiny_gguf, tmp_path, 
 
     merged = tmp_path / "merged.gguf"
     code, out, err = _cli(capsys, "export", *model, "--adapter", adapter, "--format", "gguf", "--out", merged)
-    assert code == 0, err
+    assert code == 0 and "the requantized rows hold the update with" in out, err
     before, after = _tensors(tiny_gguf), _tensors(merged)
     changed = {n for n in before if not np.array_equal(before[n][1], after[n][1])}
     assert changed and all(n.startswith("blk.") for n in changed)
