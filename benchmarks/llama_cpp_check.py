@@ -1,11 +1,13 @@
-"""A fine-tuned GGUF run by llama.cpp itself: held-out perplexity of SmolLM2's Q4_1 file
-and of the file `spsft-jax export --format gguf` writes after the README's 12 steps.
+"""A fine-tuned GGUF run by llama.cpp itself: held-out perplexity of SmolLM2's Q4_1 file,
+of the merged file `spsft-jax export --format gguf` writes after the README's 12 steps,
+and of the base file with the adapter `export --format gguf-adapter` writes.
 
     pip install llama-cpp-python       # builds llama.cpp from source (about 15 minutes on 2 cores)
     python benchmarks/llama_cpp_check.py [--steps 12] [--out /tmp/spsft-jax-bench/llama-cpp]
 
 The job trains on the GGUF kept in its blocks (`finetune --model FILE.gguf`), exports the
-merged GGUF (only the trained rows requantized), then scores the response tokens of
+merged GGUF (only the trained rows requantized) and the llama.cpp LoRA adapter, then
+scores the response tokens of
 `examples/data/python_docs_chat.eval.jsonl` with llama.cpp (llama-cpp-python, every
 position's logits) and with our forward pass of the same file. llama.cpp multiplies
 Q4_1 weights by activations it quantizes to 8 bits, so its figures differ a little
@@ -46,10 +48,11 @@ def _response_nll(logits: np.ndarray, ids, labels) -> tuple[float, int]:
     return -sum(log_probs[t, y] for t, y in targets), len(targets)
 
 
-def llama_cpp_loss(path: Path, items) -> float:
+def llama_cpp_loss(path: Path, items, lora: Path | None = None) -> float:
     from llama_cpp import Llama
 
-    model = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    model = Llama(model_path=str(path), lora_path=None if lora is None else str(lora), n_ctx=512,
+                  logits_all=True, verbose=False, n_threads=2)
     total = count = 0
     for ids, labels in items:
         model.reset()
@@ -59,15 +62,16 @@ def llama_cpp_loss(path: Path, items) -> float:
     return total / count
 
 
-def our_loss(path: Path, items) -> float:
+def our_loss(path: Path, items, adapter: Path | None = None) -> float:
     import jax.numpy as jnp
 
-    from spsft_jax import interop, llama
+    from spsft_jax import checkpoint, interop, llama
 
     cfg, params = interop.load_gguf(path, dequantize=False)
+    delta = None if adapter is None else checkpoint.load_delta(adapter, cfg=cfg, params=params)[0]
     total = count = 0
     for ids, labels in items:
-        logits = np.asarray(llama.forward(cfg, params, jnp.asarray([ids], jnp.int32))[0])
+        logits = np.asarray(llama.forward(cfg, params, jnp.asarray([ids], jnp.int32), delta=delta)[0])
         nll, n = _response_nll(logits, ids, labels)
         total, count = total + nll, count + n
     return total / count
@@ -91,12 +95,16 @@ def main(argv=None) -> int:
          "--steps", args.steps, "--out", run, "--overwrite", "--quiet")
     _cli("export", "--model", base, "--adapter", run / "adapter.safetensors", "--format", "gguf",
          "--out", tuned, "--overwrite")
+    _cli("export", "--model", base, "--adapter", run / "adapter.safetensors", "--format", "gguf-adapter",
+         "--out", out / "adapter.gguf", "--overwrite")
     items = examples(tokenizer)
     print(f"held-out response tokens of {len(items)} chat examples ({DATA / 'python_docs_chat.eval.jsonl'})")
     print("| model | llama.cpp loss | llama.cpp ppl | spsft-jax loss | spsft-jax ppl |")
     print("|---|---|---|---|---|")
-    for name, path in (("SmolLM2 Q4_1 (base)", base), (f"merged after {args.steps} steps", tuned)):
-        theirs, ours = llama_cpp_loss(path, items), our_loss(path, items)
+    runs = (("SmolLM2 Q4_1 (base)", base, None, None), (f"merged after {args.steps} steps", tuned, None, None),
+            ("base + adapter (gguf-adapter; ours unmerged)", base, out / "adapter.gguf", run / "adapter.safetensors"))
+    for name, path, lora, adapter in runs:
+        theirs, ours = llama_cpp_loss(path, items, lora), our_loss(path, items, adapter)
         print(f"| {name} | {theirs:.4f} | {math.exp(theirs):.2f} | {ours:.4f} | {math.exp(ours):.2f} |", flush=True)
     return 0
 

@@ -5,11 +5,11 @@ tensor names (`hf`). Nothing here imports torch at import time; only reading a
 `pytorch_model.bin` or a GGUF does.
 """
 from spsft_jax.interop.config import config_from_hf, config_to_hf, merged_adapters, read_config
-from spsft_jax.interop.gguf_file import convert_gguf, load_gguf, save_gguf
+from spsft_jax.interop.gguf_file import convert_gguf, load_gguf, save_gguf, save_gguf_adapter
 from spsft_jax.interop.hf import (HF_PREFIX, check_not_merged, hf_names, load_hf, parse_size, save_hf,
                                   save_merged)
 from spsft_jax.interop.peft import save_peft_adapter
 
 __all__ = ["HF_PREFIX", "check_not_merged", "config_from_hf", "config_to_hf", "convert_gguf", "hf_names",
-           "load_gguf", "load_hf", "merged_adapters", "parse_size", "read_config", "save_gguf", "save_hf",
+           "load_gguf", "load_hf", "merged_adapters", "parse_size", "read_config", "save_gguf", "save_gguf_adapter", "save_hf",
            "save_merged", "save_peft_adapter"]

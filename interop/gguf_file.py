@@ -423,3 +423,59 @@ def save_gguf(out_path: str | os.PathLike, cfg: llama.LlamaConfig, params: llama
         f.flush()
         writer.fout = None
     return Path(out_path)
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def save_gguf_adapter(out_path: str | os.PathLike, cfg: llama.LlamaConfig, delta, *, like: str | os.PathLike,
+                      source: str = "", overwrite: bool = False) -> Path:
+    """A row delta as a llama.cpp LoRA adapter GGUF for the base file `like`: exact,
+    since `W + M W_f` is the rank-r product `B A` with A = W_f [r, in] and B [out, r]
+    the one-hot columns of the selected rows (q/k rows put in llama.cpp's order). The
+    base file stays as it is; `llama-cli -m like --lora out` (or llama-cpp-python's
+    `lora_path=`) applies it at scale 1 (alpha = rank). `source` (e.g. the adapter file's
+    digest) is recorded under `outputs.GGUF_ADAPTER_MARK`."""
+    from spsft_jax import delta as deltas
+
+    gguf = _gguf()
+    like_path, reader = _open(like)
+    names = {t.name for t in reader.tensors}
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
+    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+    tensors = []
+    for path, d in deltas.leaves(delta):
+        if not isinstance(d, deltas.RowDelta) or path[0] != "layers" or d.bias is not None:
+            raise ValueError(f"{'/'.join(path)}: only row deltas of the layers' linears (no bias) are "
+                             "written as a llama.cpp adapter")
+        rows = np.asarray(d.rows)
+        w_f = np.asarray(d.w_f, np.float32) * (1.0 if d.mask is None else np.asarray(d.mask, np.float32)[..., None])
+        out = cfg.linear_shapes()[path[-1]][0]
+        for layer in range(cfg.num_layers):
+            name = f"{name_map.get_name(f'model.layers.{layer}.' + '.'.join(path[1:]))}.weight"
+            if name not in names:
+                raise ValueError(f"{like_path}: has no tensor {name} for the delta on {'/'.join(path)}")
+            b = np.zeros((out, rows.shape[-1]), np.float32)
+            b[rows[layer], np.arange(rows.shape[-1])] = 1.0
+            if path[-1] in heads:
+                b = permute(b, heads[path[-1]])
+            tensors += [(f"{name}.lora_a", w_f[layer]), (f"{name}.lora_b", b)]
+    rank = {a.shape[0] for n, a in tensors if n.endswith(".lora_a")}
+    if len(rank) != 1:
+        raise ValueError(f"a llama.cpp adapter has one rank; this delta has {sorted(rank)}")
+    writer = gguf.GGUFWriter(None, _architecture(like_path, reader))
+    writer.add_string(gguf.Keys.General.TYPE, "adapter")
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank.pop()))  # scale alpha / rank = 1
+    writer.add_string(outputs.GGUF_ADAPTER_MARK, source)
+    for name, array in tensors:
+        writer.add_tensor(name, np.ascontiguousarray(array))
+    with outputs.output_file(out_path, "wb", overwrite=overwrite) as f:
+        writer.fout = [f]
+        writer.state = gguf.gguf_writer.WriterState.EMPTY
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        f.flush()
+        writer.fout = None
+    return Path(out_path)

@@ -305,7 +305,7 @@ def cmd_export(args) -> int:
     from spsft_jax import checkpoint, interop
     from spsft_jax import delta as deltas
 
-    if args.format != "gguf":
+    if not args.format.startswith("gguf"):
         args.quantize = "none"  # a float merge: no row is rounded to a GGUF kind first
     cfg, params = _load(args)
     delta = _adapter(args, cfg, params)
@@ -313,6 +313,10 @@ def cmd_export(args) -> int:
     if args.format == "peft":
         interop.save_peft_adapter(args.out, cfg, delta, base_model_name_or_path=str(args.model),
                                   overwrite=args.overwrite)
+    elif args.format == "gguf-adapter":
+        # Exact: the base file stays as it is, llama.cpp adds the rows at run time.
+        interop.save_gguf_adapter(args.out, cfg, delta, like=args.model, overwrite=args.overwrite,
+                                  source=checkpoint.adapter_digest(args.adapter))
     elif args.format == "gguf":
         # Only the trained rows are requantized: every other row keeps the input file's bytes.
         record = interop.merged_adapters(args.model) + (checkpoint.adapter_digest(args.adapter),)
@@ -323,7 +327,7 @@ def cmd_export(args) -> int:
                 f"({100 * kept['norm_kept']:.0f}% of its norm)")
         if kept["error"] > REQUANTIZE_WARNING:  # rounding, not the update, decides those rows
             line = (f"warning: {line}: the file's quantization step is wider than this update; "
-                    f"apply the adapter unmerged or export --format hf to keep it")
+                    f"export --format gguf-adapter (llama.cpp's --lora) or --format hf keeps it")
         print(line)
     else:
         interop.save_merged(args.out, cfg, deltas.merge(params, delta), model_dir=args.model,
@@ -585,9 +589,10 @@ def parser() -> argparse.ArgumentParser:
     _model_options(p, data=False)
     p.add_argument("--adapter", required=True, action="append", help="an adapter file (once)")
     p.add_argument("--out", required=True)
-    p.add_argument("--format", default="hf", choices=["hf", "peft", "gguf"],
+    p.add_argument("--format", default="hf", choices=["hf", "peft", "gguf", "gguf-adapter"],
                    help="hf: a merged float folder; peft: the adapter for PEFT; gguf: a merged GGUF file "
-                        "laid out as --model's (a GGUF), only the trained rows requantized")
+                        "laid out as --model's (a GGUF), only the trained rows requantized; gguf-adapter: "
+                        "the rows as a llama.cpp LoRA adapter for --model (exact, the base file unchanged)")
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=cmd_export)
 
@@ -756,9 +761,9 @@ def _check_outputs(args) -> None:
     elif args.command == "export":
         if Path(args.out).absolute() == Path(args.model).absolute():
             raise outputs.OutputError(f"--out {args.out}: is the --model {'file' if _is_gguf(args.model) else 'folder'}")
-        if args.format == "gguf":
+        if args.format.startswith("gguf"):
             if not _is_gguf(args.model):
-                raise UsageError(f"--format gguf: writes the layout of a GGUF --model; --model {args.model} "
+                raise UsageError(f"--format {args.format}: writes for a GGUF --model; --model {args.model} "
                                  f"is not a .gguf file")
             outputs.check_file(args.out, overwrite=overwrite, what="--out")
         else:
@@ -980,7 +985,7 @@ def _writing(args):
 
     from spsft_jax import outputs
 
-    if args.command == "export" and args.format == "gguf":
+    if args.command == "export" and args.format.startswith("gguf"):
         return outputs.lock(args.out, folder=False, what="--out")
     if args.command in ("finetune", "export"):
         return outputs.lock(args.out, what="--out")

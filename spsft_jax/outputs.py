@@ -258,8 +258,10 @@ def output_dir(
 # --------------------------------------------------------------------------- single files
 
 
-# The metadata key of the adapters merged into a GGUF we wrote (`interop.save_gguf`).
+# The metadata keys of the GGUFs we write: the adapters merged into a model
+# (`interop.save_gguf`), and a llama.cpp adapter's source (`interop.save_gguf_adapter`).
 GGUF_MARK = "spsft_jax.merged_adapters"
+GGUF_ADAPTER_MARK = "spsft_jax.adapter"
 
 
 def is_ours(path: str | os.PathLike) -> bool:
@@ -273,7 +275,8 @@ def is_ours(path: str | os.PathLike) -> bool:
         try:
             import gguf
 
-            return GGUF_MARK in gguf.GGUFReader(file).fields
+            fields = gguf.GGUFReader(file).fields
+            return GGUF_MARK in fields or GGUF_ADAPTER_MARK in fields
         except Exception:  # noqa: BLE001 - unreadable, or no gguf package: not ours
             return False
     try:

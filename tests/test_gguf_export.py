@@ -136,6 +136,42 @@ def _random_row_delta(params, targets="all-linear", rank=2, seed=0, scale=0.05):
     return d
 
 
+@pytest.mark.parametrize("mask", [False, True])
+def test_a_row_delta_as_a_llama_cpp_adapter_is_exact(tmp_path, mask):
+    from spsft_jax.interop import save_gguf_adapter
+
+    src = _tiny_gguf(tmp_path / "tiny.gguf")
+    cfg, params = load_gguf(src, dequantize=False)
+    d = _random_row_delta(params, rank=3)
+    if mask:  # a padded selection: the masked slot's row gets nothing
+        for path, rd in delta_lib.leaves(d):
+            d = trees.set_nested(d, path, dataclasses.replace(rd, mask=jnp.asarray(np.array([[1, 0, 1]] * 2) > 0)))
+    out = save_gguf_adapter(tmp_path / "adapter.gguf", cfg, d, like=src, source="sha256:x")
+    reader = gguf.GGUFReader(out)
+    fields = {k: f for k, f in reader.fields.items()}
+    assert bytes(fields["general.type"].parts[-1]).decode() == "adapter"
+    assert bytes(fields["adapter.type"].parts[-1]).decode() == "lora"
+    assert float(fields["adapter.lora.alpha"].parts[-1][0]) == 3.0  # alpha / rank = 1
+    lora = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert len(lora) == 2 * 7 * cfg.num_layers
+    # B A, in llama.cpp's row order, is each layer's update: the float merge less the base
+    exact = trees.flatten(delta_lib.merge(params, d, requantize=None))
+    base = trees.flatten(quant.dequantize_tree(params))
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+    for path in exact:
+        module = path[-2]
+        if path[0] != "layers" or module not in names:
+            continue
+        for layer in range(cfg.num_layers):
+            update = np.asarray(exact[path][layer]) - np.asarray(base[path][layer])
+            if module in heads:
+                update = permute(update, heads[module])
+            name = f"blk.{layer}.{names[module]}.weight"
+            np.testing.assert_allclose(lora[name + ".lora_b"] @ lora[name + ".lora_a"], update, atol=1e-6)
+
+
 def test_requantized_report_tells_a_kept_update_from_a_rounded_away_one(tmp_path):
     src = _tiny_gguf(tmp_path / "tiny.gguf")  # Q8_0 linears: a step of max|block| / 127
     _, params = load_gguf(src, dequantize=False)
@@ -383,6 +419,13 @@ def test_the_command_line_trains_on_a_gguf_and_exports_one(tiny_gguf, tmp_path, 
     assert merged_adapters(merged) == (adapter_digest(adapter),)
     code, _, err = _cli(capsys, "export", *model, "--adapter", adapter, "--format", "gguf", "--out", merged)
     assert code == 0, err  # its own earlier output: replaced without --overwrite
+    for _ in range(2):  # the llama.cpp adapter, written again over itself
+        code, _, err = _cli(capsys, "export", *model, "--adapter", adapter, "--format", "gguf-adapter",
+                            "--out", tmp_path / "adapter.gguf")
+        assert code == 0, err
+    written = gguf.GGUFReader(tmp_path / "adapter.gguf").fields
+    assert bytes(written["general.type"].parts[-1]).decode() == "adapter"
+    assert bytes(written["spsft_jax.adapter"].parts[-1]).decode() == adapter_digest(adapter)
     # the merged file runs the adapter's text with no adapter; the adapter is refused on it
     code, out, err = _cli(capsys, "generate", "--model", merged, "--tokenizer", asset, "--prompt", "What is 2 plus 2? ")
     assert code == 0 and out == texts[0], err
@@ -396,7 +439,7 @@ def test_the_command_line_trains_on_a_gguf_and_exports_one(tiny_gguf, tmp_path, 
 
 @pytest.mark.parametrize("argv,words", [
     (["export", "--model", "{asset}", "--adapter", "{adapter}", "--format", "gguf", "--out", "{tmp}/x.gguf"],
-     "--format gguf: writes the layout of a GGUF --model"),
+     "--format gguf: writes for a GGUF --model"),
     (["generate", "--model", "{gguf}", "--quantize", "nf4", "--prompt", "x"], "--quantize nf4: --model is a GGUF file"),
     (["export", "--model", "{gguf}", "--adapter", "{adapter}", "--format", "gguf", "--out", "{gguf}"],
      "is the --model file"),
