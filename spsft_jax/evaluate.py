@@ -24,10 +24,12 @@ from spsft_jax import generate, llama, losses
 
 @partial(jax.jit, static_argnames="cfg")
 def batch_loss(cfg: llama.LlamaConfig, params: llama.Params, delta: Any, batch: Mapping[str, jax.Array]):
-    """(summed loss, loss tokens) of one batch."""
-    logits = llama.forward(cfg, params, batch["input_ids"], batch["attention_mask"], delta,
-                           segment_ids=batch.get("segment_ids"))
-    return losses.causal_lm_loss(logits, batch["labels"])
+    """(summed loss, loss tokens) of one batch, the logits a block of tokens at a time
+    (`losses.chunked_causal_lm_loss`): a 262k vocabulary's never exist whole."""
+    h = llama.hidden_states(cfg, params, batch["input_ids"], batch["attention_mask"], delta,
+                            segment_ids=batch.get("segment_ids"))
+    return losses.chunked_causal_lm_loss(lambda x: llama.head(cfg, params, x, delta), h,
+                                         batch["labels"], llama.CHUNK_TOKENS)
 
 
 def held_out_loss(cfg: llama.LlamaConfig, params: llama.Params, batches: Iterable[Mapping[str, Any]],

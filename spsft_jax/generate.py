@@ -37,20 +37,20 @@ def extend(cfg: llama.LlamaConfig, params: llama.Params, cache: dict, input_ids:
     slots (`kv_valid [B, S]`) up to its own. Returns (final hidden states `[B, T, D]`
     before the norm, the new cache)."""
     b, t = input_ids.shape
-    h = llama.embed(params, input_ids, delta)
+    h = llama.embed(cfg, params, input_ids, delta)
     cos, sin = llama.rope_tables(cfg, positions, h.dtype)
     q_index = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-    allowed = llama.attention_mask_2d(q_index, llama.default_positions(kv_valid), kv_valid)
+    masks = llama.attention_masks(cfg, q_index, llama.default_positions(kv_valid), kv_valid)
 
     def body(h, xs):
         layer, layer_delta, k_cache, v_cache = xs
         q, k, v = llama.attention_inputs(cfg, layer, layer_delta, h, cos, sin)
         k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, axis=1)
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, axis=1)
-        attn = llama.attend(q, k_cache, v_cache, allowed)
+        attn = llama.layer_attention(cfg, layer, q, k_cache, v_cache, masks)
         return llama.layer_output(cfg, layer, layer_delta, h, attn), (k_cache, v_cache)
 
-    xs = (params["layers"], trees.get(delta, "layers"), cache["k"], cache["v"])
+    xs = (llama.layer_stack(cfg, params), trees.get(delta, "layers"), cache["k"], cache["v"])
     h, (k, v) = jax.lax.scan(body, h, xs)
     return h, {"k": k, "v": v}
 

@@ -470,11 +470,11 @@ def _elementwise_step(params, grads, counts, inputs, classes, start, end, above,
     positions = llama.default_positions(ids)
     mask = inputs["attention_mask"]
     valid = jnp.ones(ids.shape, bool) if mask is None else mask.astype(bool)
-    h = llama.embed(params, ids)
+    h = llama.embed(cfg, params, ids)
     cos, sin = llama.rope_tables(cfg, positions, h.dtype)
-    allowed = llama.attention_mask_2d(positions, positions, valid)
+    allowed = llama.attention_masks(cfg, positions, positions, valid)
 
-    layers = params["layers"]
+    layers = llama.layer_stack(cfg, params)
 
     def below(i, h):
         return llama.decoder_layer(cfg, llama.layer_at(layers, i), None, h, cos, sin, allowed)

@@ -50,7 +50,8 @@ def make_step(cfg: llama.LlamaConfig, tc, optimizer: optax.GradientTransformatio
     def step(trainable, opt_state, frozen, batch, key):
         micro = jax.tree.map(lambda x: x[0], batch)
         key = jax.random.split(key, 1)[0]  # the global step's key for its one micro-batch
-        params, weights = frozen["params"], frozen["params"]["layers"]
+        params = frozen["params"]
+        weights = llama.layer_stack(cfg, params)
         stack, finish = train.loss_parts(cfg, tc, params, micro, key)
         # LoRA dropout keys (not trained) join the fixed half.
         _, fixed = deltas.split(train.with_dropout(deltas.combine(trainable["delta"], frozen["delta"]), key))

@@ -1,5 +1,7 @@
-"""A functional Llama (2, 3, 3.1, 3.2) that computes the same logits as
-`transformers.LlamaForCausalLM`.
+"""One functional decoder for the Llama family of models: Llama (2, 3, 3.1, 3.2),
+Mistral, Qwen2/2.5, Qwen3 and Gemma 3 (text), computing the same logits as their
+`transformers` `*ForCausalLM`. The families differ only by the switches of `LlamaConfig`
+(`FAMILIES` in `spsft_jax.interop.config` says which each one sets).
 
 Parameters are a plain pytree in HF layout (`[out, in]` weights) and HF names,
 with the decoder layers stacked on a leading axis of length `num_layers`:
@@ -9,13 +11,19 @@ with the decoder layers stacked on a leading axis of length `num_layers`:
       "layers": {                                   # every leaf has a leading [L] axis
         "input_layernorm":          {"weight": [L, hidden]},
         "self_attn": {"q_proj": {"weight": [L, heads*head_dim, hidden], "bias"?: [L, heads*head_dim]},
-                      "k_proj": {...}, "v_proj": {...}, "o_proj": {...}},
+                      "k_proj": {...}, "v_proj": {...}, "o_proj": {...},
+                      "q_norm"?: {"weight": [L, head_dim]}, "k_norm"?: {...}},     # qk_norm
         "post_attention_layernorm": {"weight": [L, hidden]},
+        "pre_feedforward_layernorm"?: {...}, "post_feedforward_layernorm"?: {...},  # sandwich_norms
         "mlp": {"gate_proj": {"weight": [L, ffn, hidden]}, "up_proj": {...}, "down_proj": {...}},
       },
       "norm": {"weight": [hidden]},
       "lm_head": {"weight": [vocab, hidden]},       # absent when embeddings are tied
     }
+
+With `sandwich_norms` (Gemma) `post_attention_layernorm` norms the attention's output and
+`pre_feedforward_layernorm` the MLP's input, as in transformers; otherwise
+`post_attention_layernorm` is the MLP's input norm.
 
 A `delta` is an optional pytree with the same nesting whose leaves are delta
 objects (see `spsft_jax.delta`) sitting where a linear module or a norm is,
@@ -61,11 +69,15 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Architecture of a Llama model; hashable, so it can be a static jit argument.
-
-    Reading and writing HF `config.json` lives in `spsft_jax.interop.config`.
+    """Architecture of a decoder of the Llama family; hashable, so it can be a static jit
+    argument. The fields after `mlp_bias` are the switches other families set (all off
+    for Llama). Reading and writing HF `config.json` lives in `spsft_jax.interop.config`.
     """
 
     vocab_size: int
@@ -80,8 +92,24 @@ class LlamaConfig:
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o
     mlp_bias: bool = False
+    # HF model_type the config is written back as ("llama", "mistral", "qwen2", "qwen3",
+    # "gemma3_text").
+    model_type: str = "llama"
+    qkv_bias: bool = False  # biases on q, k and v only (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # norms scale by (offset + w), in float32 (Gemma: 1)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+    sandwich_norms: bool = False  # norms after attention and after the MLP too (Gemma)
+    hidden_act: str = "silu"  # of the gate: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU)
+    query_pre_attn_scalar: float | None = None  # scores scale by its -1/2 power, not head_dim's
+    attn_logit_softcapping: float | None = None  # scores become cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # logits likewise
+    sliding_window: int | None = None  # keys a sliding layer's query sees, itself included
+    # Each layer's attention, FULL_ATTENTION or SLIDING_ATTENTION; None: all full.
+    layer_types: tuple[str, ...] | None = None
+    local_rope_theta: float | None = None  # RoPE base of sliding layers (Gemma 3); None: rope_theta
     # Token ids carried through to an exported config.json.
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -96,6 +124,19 @@ class LlamaConfig:
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported "
+                             f"(supported: {', '.join(ACTIVATIONS)})")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                                 f"{self.num_layers} layers")
+            unknown = set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}
+            if unknown:
+                raise ValueError(f"layer_types: {', '.join(sorted(unknown))} not supported "
+                                 f"(supported: {FULL_ATTENTION}, {SLIDING_ATTENTION})")
+            if SLIDING_ATTENTION in self.layer_types and not self.sliding_window:
+                raise ValueError("layer_types has sliding layers but sliding_window is not set")
 
     @property
     def q_size(self) -> int:
@@ -104,6 +145,28 @@ class LlamaConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def attention_kinds(self) -> tuple[str, ...]:
+        """The distinct attention kinds of the layers, in a fixed order: the leading axis of
+        the stacks `rope_tables` and `attention_masks` return."""
+        present = set(self.layer_types or (FULL_ATTENTION,))
+        return tuple(k for k in (FULL_ATTENTION, SLIDING_ATTENTION) if k in present)
+
+    def layer_kind_indices(self) -> tuple[int, ...]:
+        """Each layer's index into `attention_kinds`."""
+        kinds = self.attention_kinds
+        return tuple(kinds.index(t) for t in (self.layer_types or (FULL_ATTENTION,) * self.num_layers))
+
+    def has_bias(self, module: str) -> bool:
+        if module in MLP_MODULES:
+            return self.mlp_bias
+        return self.attention_bias or (self.qkv_bias and module != "o_proj")
+
+    def layer_norms(self) -> tuple[str, ...]:
+        """Names of a layer's hidden-size norms."""
+        extra = ("pre_feedforward_layernorm", "post_feedforward_layernorm") if self.sandwich_norms else ()
+        return ("input_layernorm", "post_attention_layernorm") + extra
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """`[out, in]` of every per-layer linear, keyed by module name."""
@@ -119,11 +182,10 @@ class LlamaConfig:
         }
 
     def num_params(self) -> int:
-        per_layer = sum(o * i for o, i in self.linear_shapes().values()) + 2 * self.hidden_size
-        if self.attention_bias:
-            per_layer += self.q_size + 2 * self.kv_size + self.hidden_size
-        if self.mlp_bias:
-            per_layer += 2 * self.intermediate_size + self.hidden_size
+        shapes = self.linear_shapes()
+        per_layer = sum(o * i for o, i in shapes.values()) + len(self.layer_norms()) * self.hidden_size
+        per_layer += sum(shapes[m][0] for m in shapes if self.has_bias(m))
+        per_layer += 2 * self.head_dim if self.qk_norm else 0
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embeddings + self.hidden_size
 
@@ -132,32 +194,33 @@ class LlamaConfig:
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
-    """Random parameters (normal weights, unit norms, zero biases), as transformers initialises."""
+    """Random parameters (normal weights, zero biases, norms that scale by one), as
+    transformers initialises."""
     keys = iter(jax.random.split(key, 16))
     L = cfg.num_layers
 
     def normal(shape):
         return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
 
-    def module(name, with_bias):
+    def module(name):
         out, inp = cfg.linear_shapes()[name]
         m = {"weight": normal((L, out, inp))}
-        if with_bias:
+        if cfg.has_bias(name):
             m["bias"] = jnp.zeros((L, out), dtype)
         return m
 
-    def ones(shape):
-        return jnp.ones(shape, dtype)
+    def norm(shape):  # scales by offset + w: one either way
+        return {"weight": jnp.full(shape, 1.0 - cfg.norm_offset, dtype)}
 
+    attention = {n: module(n) for n in ATTENTION_MODULES}
+    if cfg.qk_norm:
+        attention |= {"q_norm": norm((L, cfg.head_dim)), "k_norm": norm((L, cfg.head_dim))}
+    layers = {n: norm((L, cfg.hidden_size)) for n in cfg.layer_norms()}
+    layers |= {"self_attn": attention, "mlp": {n: module(n) for n in MLP_MODULES}}
     params = {
         "embed_tokens": {"weight": normal((cfg.vocab_size, cfg.hidden_size))},
-        "layers": {
-            "input_layernorm": {"weight": ones((L, cfg.hidden_size))},
-            "self_attn": {n: module(n, cfg.attention_bias) for n in ATTENTION_MODULES},
-            "post_attention_layernorm": {"weight": ones((L, cfg.hidden_size))},
-            "mlp": {n: module(n, cfg.mlp_bias) for n in MLP_MODULES},
-        },
-        "norm": {"weight": ones((cfg.hidden_size,))},
+        "layers": layers,
+        "norm": norm((cfg.hidden_size,)),
     }
     if not cfg.tie_word_embeddings:
         params["lm_head"] = {"weight": normal((cfg.vocab_size, cfg.hidden_size))}
@@ -254,18 +317,32 @@ def quantized_product(x: jax.Array, weight: quant.QuantizedWeight) -> jax.Array:
     return jnp.moveaxis(ys, 0, -2).reshape(x.shape[:-1] + (rows,))
 
 
-def rms_norm(x: jax.Array, module: Mapping[str, jax.Array], eps: float, delta=None) -> jax.Array:
+def rms_norm(x: jax.Array, module: Mapping[str, jax.Array], eps: float, delta=None,
+             offset: float = 0.0) -> jax.Array:
+    """RMSNorm over the last axis, scaled by `w` as Llama (in `x`'s dtype), or with an
+    `offset` by `offset + w` as Gemma (in float32, then cast)."""
     weight = module["weight"] if delta is None else delta.merge(module)["weight"]
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (normed * (offset + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * normed.astype(x.dtype)
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """Inverse frequencies of the rotary embedding, with the config's scaling applied."""
+def norm(cfg: LlamaConfig, x: jax.Array, module, delta=None) -> jax.Array:
+    """The config's RMSNorm (its eps and offset) of `x` by `module`."""
+    return rms_norm(x, module, cfg.rms_norm_eps, delta, cfg.norm_offset)
+
+
+def rope_inv_freq(cfg: LlamaConfig, kind: str = FULL_ATTENTION) -> np.ndarray:
+    """Inverse frequencies of the rotary embedding of layers of attention `kind`: the
+    config's base and scaling, or for sliding layers with a `local_rope_theta` that base
+    unscaled (Gemma 3)."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-    s = cfg.rope_scaling
+    local = kind == SLIDING_ATTENTION and cfg.local_rope_theta is not None
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    s = None if local else cfg.rope_scaling
     if s is None:
         return inv_freq
     if s.rope_type == "linear":
@@ -284,8 +361,11 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
 
 
 def rope_tables(cfg: LlamaConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos/sin of shape `[..., head_dim]` for integer `positions`."""
-    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))
+    """cos/sin of shape `[kinds, ..., head_dim]` for integer `positions`: one table per
+    entry of `cfg.attention_kinds` (a layer picks its own with `layer_kind`)."""
+    inv_freq = np.stack([rope_inv_freq(cfg, kind) for kind in cfg.attention_kinds])
+    freqs = positions[None, ..., None].astype(jnp.float32) * jnp.asarray(
+        inv_freq.reshape((len(inv_freq),) + (1,) * positions.ndim + (-1,)))
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
@@ -327,11 +407,14 @@ def token_blocks(fn: Callable, xs, chunk: int | None):
     return jax.tree.map(lambda y, z: jnp.concatenate([y, z], axis=1), out, tail)
 
 
-def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+                  scale: float | None, softcap: float | None) -> jax.Array:
     b, tq, heads, hd = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, tq, kv_heads, heads // kv_heads, hd)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * (hd**-0.5)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * (hd**-0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     scores = scores.astype(jnp.float32)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -340,15 +423,54 @@ def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) 
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
-           query_chunk: int | None = None) -> jax.Array:
+           query_chunk: int | None = None, *, scale: float | None = None,
+           softcap: float | None = None) -> jax.Array:
     """Grouped-query attention.
 
     q: [B, Tq, heads, hd]; k, v: [B, Tk, kv_heads, hd]; allowed: [B, Tq, Tk] bool.
     Returns [B, Tq, heads, hd]. Scores and softmax are in float32, as transformers' eager path.
+    scale: of the scores, default `hd ** -0.5`; softcap: scores become `softcap * tanh(s / softcap)`.
     With `query_chunk`, queries go in blocks (`token_blocks`): the `[heads, Tq, Tk]`
     scores never exist at once, and every query's softmax is unchanged.
     """
-    return token_blocks(lambda qa: _attend_block(qa[0], k, v, qa[1]), (q, allowed), query_chunk)
+    return token_blocks(lambda qa: _attend_block(qa[0], k, v, qa[1], scale, softcap),
+                        (q, allowed), query_chunk)
+
+
+# The leaf `layer_stack` adds to the stacked layers: each layer's index into the kinds of
+# `cfg.attention_kinds`, read inside the scan where the layers' kinds differ.
+LAYER_KIND = "attention_kind"
+
+
+def layer_stack(cfg: LlamaConfig, params: Params) -> Params:
+    """`params["layers"]` as the layer scan takes them: with each layer's attention kind
+    (`LAYER_KIND`) where a model mixes full and sliding layers (Gemma 3)."""
+    layers = params["layers"]
+    if len(cfg.attention_kinds) == 1:
+        return layers
+    return {**layers, LAYER_KIND: jnp.asarray(cfg.layer_kind_indices(), jnp.int32)}
+
+
+def layer_kind(cfg: LlamaConfig, layer) -> int | jax.Array:
+    """A layer's index into the per-kind stacks of `rope_tables` and `attention_masks`."""
+    if len(cfg.attention_kinds) == 1:
+        return 0
+    if LAYER_KIND not in layer:
+        raise ValueError("the layers of a model with full and sliding attention layers must come "
+                         "from llama.layer_stack(cfg, params), which records each layer's kind")
+    return layer[LAYER_KIND]
+
+
+def layer_attention(cfg: LlamaConfig, layer, q, k, v, masks, query_chunk=None) -> jax.Array:
+    """`attend` as the layer's attention: its kind's mask from `masks` (`attention_masks`),
+    the config's score scale and soft-capping."""
+    return attend(q, k, v, masks[layer_kind(cfg, layer)], query_chunk, **attention_options(cfg))
+
+
+def attention_options(cfg: LlamaConfig) -> dict:
+    """`attend`'s keyword arguments for the config: score scale and soft-capping."""
+    scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+    return {"scale": scale, "softcap": cfg.attn_logit_softcapping}
 
 
 def attention_mask_2d(
@@ -364,6 +486,21 @@ def attention_mask_2d(
     return allowed
 
 
+def attention_masks(cfg: LlamaConfig, q_index: jax.Array, kv_index: jax.Array, kv_valid: jax.Array,
+                    **segments) -> jax.Array:
+    """`[kinds, B, Tq, Tk]` bool: `attention_mask_2d` for each of `cfg.attention_kinds`, a
+    sliding layer's restricted to the `sliding_window` keys up to its query (as transformers'
+    `sliding_window_overlay`: `kv_index > q_index - window`)."""
+    allowed = attention_mask_2d(q_index, kv_index, kv_valid, **segments)
+    masks = []
+    for kind in cfg.attention_kinds:
+        if kind == SLIDING_ATTENTION:
+            masks.append(allowed & (kv_index[:, None, :] > q_index[:, :, None] - cfg.sliding_window))
+        else:
+            masks.append(allowed)
+    return jnp.stack(masks)
+
+
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
     """Positions that restart at 0 where the segment id changes along a row: `[B, T]`."""
     index = default_positions(segment_ids)
@@ -376,23 +513,38 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 
 
 def attention_projections(cfg, layer, layer_delta, x, cos, sin):
-    """Normed input -> rotated q `[B,T,H,hd]`, k and v `[B,T,KV,hd]`."""
+    """Normed input -> rotated q `[B,T,H,hd]`, k and v `[B,T,KV,hd]`; `cos`, `sin` are
+    `rope_tables`' stacks, of which the layer takes its kind's."""
     b, t, _ = x.shape
+    attention, attention_delta = layer["self_attn"], subtree(layer_delta, "self_attn")
+    kind = layer_kind(cfg, layer)
+    cos, sin = cos[kind], sin[kind]
 
     def proj(name, heads):
-        y = linear(x, layer["self_attn"][name], subtree(layer_delta, "self_attn", name))
+        y = linear(x, attention[name], subtree(attention_delta, name))
         return y.reshape(b, t, heads, cfg.head_dim)
 
-    q = apply_rope(checkpoint_name(proj("q_proj", cfg.num_heads), "q"), cos, sin)
-    k = apply_rope(checkpoint_name(proj("k_proj", cfg.num_kv_heads), "k"), cos, sin)
+    def rotated(name, heads):
+        y = checkpoint_name(proj(f"{name}_proj", heads), name)
+        if cfg.qk_norm:
+            y = norm(cfg, y, attention[f"{name}_norm"], subtree(attention_delta, f"{name}_norm"))
+        return apply_rope(y, cos, sin)
+
+    q = rotated("q", cfg.num_heads)
+    k = rotated("k", cfg.num_kv_heads)
     v = checkpoint_name(proj("v_proj", cfg.num_kv_heads), "v")
     return q, k, v
 
 
 def attention_output(cfg, layer, layer_delta, attn: jax.Array) -> jax.Array:
+    """o_proj of the attention `[B, T, H, hd]`, normed after with `sandwich_norms`."""
     b, t = attn.shape[:2]
-    return linear(attn.reshape(b, t, cfg.q_size), layer["self_attn"]["o_proj"],
-                  subtree(layer_delta, "self_attn", "o_proj"))
+    out = linear(attn.reshape(b, t, cfg.q_size), layer["self_attn"]["o_proj"],
+                 subtree(layer_delta, "self_attn", "o_proj"))
+    if cfg.sandwich_norms:
+        out = norm(cfg, out, layer["post_attention_layernorm"],
+                   subtree(layer_delta, "post_attention_layernorm"))
+    return out
 
 
 @jax.custom_vjp
@@ -417,20 +569,33 @@ def _swiglu_bwd(residuals, dy):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+def geglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """`gelu_tanh(gate) * up` (transformers' "gelu_pytorch_tanh")."""
+    return jax.nn.gelu(gate, approximate=True) * up
+
+
+GATES = {"silu": swiglu, "gelu_pytorch_tanh": geglu}
+
+
 def mlp_block(cfg, layer, layer_delta, h: jax.Array) -> jax.Array:
-    """Residual MLP half of a decoder layer: `h + down(silu(gate(n)) * up(n))`."""
+    """Residual MLP half of a decoder layer: `h + down(act(gate(n)) * up(n))`, the output
+    normed too with `sandwich_norms`."""
     mlp, d = layer["mlp"], subtree(layer_delta, "mlp")
-    x = rms_norm(h, layer["post_attention_layernorm"], cfg.rms_norm_eps,
-                 subtree(layer_delta, "post_attention_layernorm"))
-    gated = swiglu(checkpoint_name(linear(x, mlp["gate_proj"], subtree(d, "gate_proj")), "gate"),
-                   checkpoint_name(linear(x, mlp["up_proj"], subtree(d, "up_proj")), "up"))
-    return h + linear(gated, mlp["down_proj"], subtree(d, "down_proj"))
+    input_norm = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
+    x = norm(cfg, h, layer[input_norm], subtree(layer_delta, input_norm))
+    gated = GATES[cfg.hidden_act](
+        checkpoint_name(linear(x, mlp["gate_proj"], subtree(d, "gate_proj")), "gate"),
+        checkpoint_name(linear(x, mlp["up_proj"], subtree(d, "up_proj")), "up"))
+    out = linear(gated, mlp["down_proj"], subtree(d, "down_proj"))
+    if cfg.sandwich_norms:
+        out = norm(cfg, out, layer["post_feedforward_layernorm"],
+                   subtree(layer_delta, "post_feedforward_layernorm"))
+    return h + out
 
 
 def attention_inputs(cfg, layer, layer_delta, h, cos, sin):
     """First half of a decoder layer up to attention: input norm, rotated q, k and v."""
-    x = rms_norm(h, layer["input_layernorm"], cfg.rms_norm_eps,
-                 subtree(layer_delta, "input_layernorm"))
+    x = norm(cfg, h, layer["input_layernorm"], subtree(layer_delta, "input_layernorm"))
     return attention_projections(cfg, layer, layer_delta, x, cos, sin)
 
 
@@ -441,10 +606,12 @@ def layer_output(cfg, layer, layer_delta, h, attn):
     return mlp_block(cfg, layer, layer_delta, h)
 
 
-def decoder_layer(cfg, layer, layer_delta, h, cos, sin, allowed, chunk_tokens=CHUNK_TOKENS):
-    """One Llama decoder layer on hidden states `h [B, T, hidden]`."""
+def decoder_layer(cfg, layer, layer_delta, h, cos, sin, masks, chunk_tokens=CHUNK_TOKENS):
+    """One decoder layer on hidden states `h [B, T, hidden]`; `cos`, `sin` and `masks` are
+    the per-kind stacks of `rope_tables` and `attention_masks`."""
     q, k, v = attention_inputs(cfg, layer, layer_delta, h, cos, sin)
-    return layer_output(cfg, layer, layer_delta, h, attend(q, k, v, allowed, chunk_tokens))
+    return layer_output(cfg, layer, layer_delta, h,
+                        layer_attention(cfg, layer, q, k, v, masks, chunk_tokens))
 
 
 # --------------------------------------------------------------------------- model
@@ -539,24 +706,34 @@ def scan_layers(body: Callable, carry, weights, per_layer, remat: str | Callable
     return jax.lax.scan(jax.checkpoint(group, prevent_cse=False), carry, starts)[0]
 
 
-def embed(params: Params, input_ids: jax.Array, delta=None) -> jax.Array:
+def embed(cfg: LlamaConfig, params: Params, input_ids: jax.Array, delta=None) -> jax.Array:
+    """The embeddings of `input_ids`, times sqrt(hidden_size) in their dtype with
+    `scale_embeddings` (Gemma)."""
     module, d = params["embed_tokens"], subtree(delta, "embed_tokens")
     table = module["weight"] if d is None else d.merge(quant.dequantize_tree(module))["weight"]
     if quant.is_quantized(table):  # decode only the rows looked up
-        return table.replace(data=jnp.asarray(table.data)[input_ids]).dequantize()
-    return table[input_ids]
+        h = table.replace(data=jnp.asarray(table.data)[input_ids]).dequantize()
+    else:
+        h = table[input_ids]
+    if cfg.scale_embeddings:
+        h = h * jnp.asarray(cfg.hidden_size ** 0.5, jnp.float32).astype(h.dtype)
+    return h
 
 
 def head(cfg: LlamaConfig, params: Params, h: jax.Array, delta=None) -> jax.Array:
     """Final norm and LM head: hidden states -> logits."""
-    h = rms_norm(h, params["norm"], cfg.rms_norm_eps, subtree(delta, "norm"))
+    h = norm(cfg, h, params["norm"], subtree(delta, "norm"))
     if cfg.tie_word_embeddings:
         # Tied: a delta on the embedding table is a delta on the head too (as `merge` folds it).
         weights, tied = params["embed_tokens"], subtree(delta, "embed_tokens")
         weights = weights if tied is None else tied.merge(quant.dequantize_tree(weights))
     else:
         weights = params["lm_head"]
-    return linear(h, weights, subtree(delta, "lm_head"))
+    logits = linear(h, weights, subtree(delta, "lm_head"))
+    if cfg.final_logit_softcapping is not None:
+        cap = cfg.final_logit_softcapping
+        logits = jnp.tanh(logits / cap) * cap
+    return logits
 
 
 def default_positions(input_ids: jax.Array) -> jax.Array:
@@ -577,20 +754,21 @@ def decoder_stack(
     chunk_tokens: int | None = CHUNK_TOKENS,
 ) -> tuple[jax.Array, Callable]:
     """(embeddings `[B, T, hidden]`, `body`): the decoder's input and its layer,
-    `body(h, (layer_weights, layer_delta)) -> (h, None)`, as `scan_layers` runs it."""
+    `body(h, (layer_weights, layer_delta)) -> (h, None)`, as `scan_layers` runs it over
+    `layer_stack(cfg, params)`."""
     index = default_positions(input_ids)
     if position_ids is not None:
         positions = position_ids
     else:
         positions = index if segment_ids is None else segment_positions(segment_ids)
     valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
-    h = embed(params, input_ids, delta)
+    h = embed(cfg, params, input_ids, delta)
     cos, sin = rope_tables(cfg, positions, h.dtype)
-    allowed = attention_mask_2d(index, index, valid, q_segments=segment_ids, kv_segments=segment_ids)
+    masks = attention_masks(cfg, index, index, valid, q_segments=segment_ids, kv_segments=segment_ids)
 
     def body(h, layer_and_delta):
         layer, layer_delta = layer_and_delta
-        return decoder_layer(cfg, layer, layer_delta, h, cos, sin, allowed, chunk_tokens), None
+        return decoder_layer(cfg, layer, layer_delta, h, cos, sin, masks, chunk_tokens), None
 
     return h, body
 
@@ -610,7 +788,7 @@ def hidden_states(
     """Embeddings through all decoder layers (scanned), before the final norm."""
     h, body = decoder_stack(cfg, params, input_ids, attention_mask, delta, position_ids=position_ids,
                             segment_ids=segment_ids, chunk_tokens=chunk_tokens)
-    return scan_layers(body, h, params["layers"], subtree(delta, "layers"), remat)
+    return scan_layers(body, h, layer_stack(cfg, params), subtree(delta, "layers"), remat)
 
 
 def forward(

@@ -255,7 +255,7 @@ def _interleave(selected: jax.Array, rest: jax.Array, sel_idx: jax.Array,
     return out.at[rows, rest_idx].set(rest.astype(selected.dtype), unique_indices=True)
 
 
-def _attend_constant(q, keys, values, allowed, chunk: int):
+def _attend_constant(q, keys, values, allowed, chunk: int, options: dict):
     """`llama.attend` for the unselected queries, `chunk` queries at a time.
 
     Nothing here is differentiated, so its values need not be kept: running the
@@ -267,11 +267,11 @@ def _attend_constant(q, keys, values, allowed, chunk: int):
 
     def one_query(q_and_allowed):
         q_t, allowed_t = q_and_allowed  # [B, heads, hd], [B, Tk]
-        return llama.attend(q_t[:, None], keys, values, allowed_t[:, None])[:, 0]
+        return llama.attend(q_t[:, None], keys, values, allowed_t[:, None], **options)[:, 0]
 
     def blocks(q, allowed):
         if q.shape[1] <= chunk:
-            return llama.attend(q, keys, values, allowed)
+            return llama.attend(q, keys, values, allowed, **options)
         out = jax.lax.map(one_query, (q.swapaxes(0, 1), allowed.swapaxes(0, 1)), batch_size=chunk)
         return out.swapaxes(0, 1)
 
@@ -307,16 +307,17 @@ def split_stack(
     valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     frozen_params, frozen_delta = jax.lax.stop_gradient((params, delta))
 
-    h_sel = llama.embed(params, _take(input_ids, sel_idx), delta)
-    h_rest = llama.embed(frozen_params, _take(input_ids, rest_idx), frozen_delta)
+    h_sel = llama.embed(cfg, params, _take(input_ids, sel_idx), delta)
+    h_rest = llama.embed(cfg, frozen_params, _take(input_ids, rest_idx), frozen_delta)
     pos_sel, pos_rest = _take(positions, sel_idx), _take(positions, rest_idx)
     cos_sel, sin_sel = llama.rope_tables(cfg, pos_sel, h_sel.dtype)
     cos_rest, sin_rest = llama.rope_tables(cfg, pos_rest, h_sel.dtype)
     # Keys are laid out [selected, rest]; the mask compares original token indices, so no reorder.
     kv_index = jnp.concatenate([sel_idx, rest_idx], axis=1)
     kv_valid = jnp.concatenate([_take(valid, sel_idx), _take(valid, rest_idx)], axis=1)
-    allowed_sel = llama.attention_mask_2d(sel_idx, kv_index, kv_valid)
-    allowed_rest = llama.attention_mask_2d(rest_idx, kv_index, kv_valid)
+    masks_sel = llama.attention_masks(cfg, sel_idx, kv_index, kv_valid)
+    masks_rest = llama.attention_masks(cfg, rest_idx, kv_index, kv_valid)
+    options = llama.attention_options(cfg)
 
     def body(carry, layer_and_delta):
         h_sel, h_rest = carry
@@ -329,9 +330,10 @@ def split_stack(
             cfg, frozen_layer, frozen_layer_delta, h_rest, cos_rest, sin_rest)
         keys = jnp.concatenate([k_sel, k_rest], axis=1)
         values = jnp.concatenate([v_sel, v_rest], axis=1)
-        attn_sel = llama.attend(q_sel, keys, values, allowed_sel, chunk_tokens)
-        attn_rest = _attend_constant(q_rest, jax.lax.stop_gradient(keys),
-                                     jax.lax.stop_gradient(values), allowed_rest, chunk)
+        attn_sel = llama.layer_attention(cfg, layer, q_sel, keys, values, masks_sel, chunk_tokens)
+        kind = llama.layer_kind(cfg, layer)
+        attn_rest = _attend_constant(q_rest, jax.lax.stop_gradient(keys), jax.lax.stop_gradient(values),
+                                     masks_rest[kind], chunk, options)
         h_sel = llama.layer_output(cfg, layer, layer_delta, h_sel, attn_sel)
         h_rest = llama.layer_output(cfg, frozen_layer, frozen_layer_delta, h_rest, attn_rest)
         return (h_sel, h_rest), None
@@ -360,7 +362,7 @@ def split_hidden_states(
     carry, body, rest_idx = split_stack(cfg, params, input_ids, token_indices, attention_mask, delta,
                                         position_ids=position_ids, query_chunk=query_chunk,
                                         chunk_tokens=chunk_tokens)
-    h_sel, h_rest = llama.scan_layers(body, carry, params["layers"], get(delta, "layers"), remat)
+    h_sel, h_rest = llama.scan_layers(body, carry, llama.layer_stack(cfg, params), get(delta, "layers"), remat)
     return h_sel, jax.lax.stop_gradient(h_rest), rest_idx
 
 

@@ -250,7 +250,8 @@ def batch_loss(cfg: llama.LlamaConfig, tc: TrainConfig, params, delta, batch, ke
     stack, finish = loss_parts(cfg, tc, params, batch, key)
     delta = with_dropout(delta, key)
     carry, body = stack(delta)
-    carry = llama.scan_layers(body, carry, params["layers"], subtree(delta, "layers"), tc.remat)
+    carry = llama.scan_layers(body, carry, llama.layer_stack(cfg, params), subtree(delta, "layers"),
+                              tc.remat)
     return finish(carry, delta)
 
 

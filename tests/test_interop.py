@@ -386,11 +386,11 @@ def test_invalid_json_config(tmp_path):
 
 def test_wrong_model_type(tmp_path):
     make_hf_model(tmp_path)
-    _edit_config(tmp_path, model_type="mistral")
+    _edit_config(tmp_path, model_type="phi3")
     with pytest.raises(ValueError) as err:
         sj.interop.load_hf(tmp_path)
     msg = _error_message(err)
-    assert "model_type='mistral'" in msg and "'llama'" in msg
+    assert "model_type='phi3'" in msg and "'llama'" in msg and "'gemma3_text'" in msg
 
 
 @pytest.mark.parametrize("change,named", [
@@ -637,20 +637,32 @@ BASE_CONFIG = dict(model_type="llama", vocab_size=96, hidden_size=32, intermedia
                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
-def test_every_key_of_transformers_llama_config_is_read_or_ignored():
-    """transformers' own defaults: each key is one we read, check or pass over on purpose,
-    and the config they describe is the one transformers builds."""
-    from transformers import LlamaConfig
+@pytest.mark.parametrize("model_type,config_class", [
+    ("llama", "LlamaConfig"), ("mistral", "MistralConfig"), ("qwen2", "Qwen2Config"),
+    ("qwen3", "Qwen3Config"), ("gemma3_text", "Gemma3TextConfig")])
+def test_every_key_of_each_family_config_is_read_or_ignored(model_type, config_class):
+    """transformers' own defaults, per family: each key is one we read, check or pass over
+    on purpose, the config they describe is the one transformers builds, and the family's
+    defaults for absent keys are its config class's."""
+    import transformers
 
-    theirs = LlamaConfig()
+    theirs = getattr(transformers, config_class)()
     hf = theirs.to_dict()
-    known = (set(hf_config.FIELDS) | set(hf_config.ROPE_KEYS) | set(hf_config.MUST_EQUAL)
-             | hf_config.IGNORED)
-    assert [k for k in hf if k not in known and not k.startswith("_")] == []
+    family = hf_config.FAMILIES[model_type]
+    assert [k for k in hf if k not in family.known_keys() | {"model_type"} and not k.startswith("_")] == []
     cfg = sj.interop.config_from_hf(hf)
-    for key, (field, _) in hf_config.FIELDS.items():
-        assert getattr(cfg, field) == getattr(theirs, key), key
-    assert cfg.rope_theta == theirs.rope_parameters["rope_theta"] and cfg.rope_scaling is None
+    assert cfg == sj.interop.config_from_hf({"model_type": model_type, **{
+        k: hf[k] for k in hf_config.REQUIRED}}), "absent keys read as transformers' defaults"
+    for key, (field, _) in (hf_config.FIELDS | dict(family.fields)).items():
+        if hasattr(theirs, key):
+            want = getattr(theirs, key)
+            assert getattr(cfg, field) == (tuple(want) if isinstance(want, list) else want), key
+    rope = theirs.rope_parameters.get("full_attention", theirs.rope_parameters)
+    assert cfg.rope_theta == rope["rope_theta"] and cfg.rope_scaling is None
+    sliding = [t == "sliding_attention" for t in getattr(theirs, "layer_types", None) or
+               ["sliding_attention" if getattr(theirs, "sliding_window", None) else "full_attention"]
+               * cfg.num_layers]
+    assert [t == "sliding_attention" for t in cfg.layer_types or ["full"] * cfg.num_layers] == sliding
 
 
 @pytest.mark.parametrize("extra", [
@@ -668,7 +680,8 @@ def test_metadata_keys_pass(extra):
 
 
 @pytest.mark.parametrize("change,named", [
-    (dict(model_type="mistral"), "model_type"),
+    (dict(model_type="phi3"), "model_type"),
+    (dict(model_type="gemma3"), "gemma3_text"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(sliding_window=4096), "sliding_window"),
     (dict(use_sliding_window=True, sliding_window=4096), "sliding_window"),
@@ -796,11 +809,11 @@ def test_load_gguf_equals_transformers_gguf_loader(variant, tmp_path):
 
 
 def test_gguf_of_another_architecture_is_refused(tmp_path):
-    file = _write_gguf(tmp_path / "qwen.gguf", arch="qwen2")
+    file = _write_gguf(tmp_path / "phi3.gguf", arch="phi3")
     with pytest.raises(ValueError) as err:
         sj.interop.load_gguf(file)
     msg = _error_message(err)
-    assert str(file) in msg and "'qwen2'" in msg
+    assert str(file) in msg and "'phi3'" in msg and "gemma3" in msg
     from spsft_jax import cli
 
     assert cli.main(["convert", str(file), str(tmp_path / "out")]) == 2

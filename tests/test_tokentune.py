@@ -232,18 +232,17 @@ def reference_forward(cfg, params, ids, mask, delta, keep):
         return jnp.where(selected, x, jax.lax.stop_gradient(x))
 
     positions = llama.default_positions(ids)
-    h = llama.embed(params, ids, delta)
+    h = llama.embed(cfg, params, ids, delta)
     cos, sin = llama.rope_tables(cfg, positions, h.dtype)
-    allowed = llama.attention_mask_2d(positions, positions, mask.astype(bool))
+    masks = llama.attention_masks(cfg, positions, positions, mask.astype(bool))
     for i in range(cfg.num_layers):
         layer = jax.tree.map(lambda a: a[i], params["layers"])
         layer_delta = jax.tree.map(lambda a: a[i], subtree(delta, "layers"))
         h = freeze_unselected(h)
-        x = llama.rms_norm(h, layer["input_layernorm"], cfg.rms_norm_eps,
-                           subtree(layer_delta, "input_layernorm"))
+        x = llama.norm(cfg, h, layer["input_layernorm"], subtree(layer_delta, "input_layernorm"))
         q, k, v = llama.attention_projections(cfg, layer, layer_delta, x, cos, sin)
         k, v = freeze_unselected(k), freeze_unselected(v)
-        h = h + llama.attention_output(cfg, layer, layer_delta, llama.attend(q, k, v, allowed))
+        h = h + llama.attention_output(cfg, layer, layer_delta, llama.layer_attention(cfg, layer, q, k, v, masks))
         h = llama.mlp_block(cfg, layer, layer_delta, h)
     return llama.head(cfg, params, h, delta)
 
