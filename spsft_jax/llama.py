@@ -709,6 +709,9 @@ def scan_layers(body: Callable, carry, weights, per_layer, remat: str | Callable
 def embed(cfg: LlamaConfig, params: Params, input_ids: jax.Array, delta=None) -> jax.Array:
     """The embeddings of `input_ids`, times sqrt(hidden_size) in their dtype with
     `scale_embeddings` (Gemma)."""
+    if delta is not None and not isinstance(delta, Mapping):  # e.g. load_delta's (delta, metadata)
+        raise TypeError(f"delta must be a nested dict of delta objects or None, not a "
+                        f"{type(delta).__name__} (checkpoint.load_delta returns (delta, metadata))")
     module, d = params["embed_tokens"], subtree(delta, "embed_tokens")
     table = module["weight"] if d is None else d.merge(quant.dequantize_tree(module))["weight"]
     if quant.is_quantized(table):  # decode only the rows looked up
