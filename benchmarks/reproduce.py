@@ -55,7 +55,7 @@ import table6  # noqa: E402
 
 import spsft_jax as sj  # noqa: E402
 from spsft_jax import classify, data, evaluate, importance, memory, selection, train  # noqa: E402
-from spsft_jax.cli import DEFAULT_LR  # noqa: E402
+from spsft_jax.train import DEFAULT_LR  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spsft_jax import data, importance, multiple_choice, selection, tasks  # noqa: E402
-from spsft_jax.cli import DEFAULT_LR  # noqa: E402
+from spsft_jax.train import DEFAULT_LR  # noqa: E402
 
 PAPER_LORA = dict(alpha=16.0, dropout=0.1)
 ALL_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "openbookqa")

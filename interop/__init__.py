@@ -4,10 +4,10 @@ Imported as `spsft_jax.interop`. It owns the HF schema: config keys (`config`) a
 tensor names (`hf`). Nothing here imports torch at import time; only reading a
 `pytorch_model.bin` or a GGUF does.
 """
-from spsft_jax.interop.config import config_from_hf, config_to_hf, merged_adapters, read_config
+from spsft_jax.interop.config import config_from_hf, config_to_hf, read_config
 from spsft_jax.interop.gguf_file import convert_gguf, load_gguf, save_gguf, save_gguf_adapter
-from spsft_jax.interop.hf import (HF_PREFIX, check_not_merged, hf_names, load_hf, parse_size, save_hf,
-                                  save_merged)
+from spsft_jax.interop.hf import HF_PREFIX, hf_names, load_hf, parse_size, save_hf
+from spsft_jax.interop.merges import check_not_merged, merged_adapters, save_merged
 from spsft_jax.interop.peft import save_peft_adapter
 
 __all__ = ["HF_PREFIX", "check_not_merged", "config_from_hf", "config_to_hf", "convert_gguf", "hf_names",

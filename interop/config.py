@@ -392,12 +392,8 @@ def read_config(path: str | os.PathLike) -> LlamaConfig:
 
 def merged_adapters(path: str | os.PathLike) -> tuple[str, ...]:
     """The digests of the adapters a model folder's `config.json` (or that file) records as
-    merged into its weights, in merge order; () when it records none. A GGUF file records
-    them in its metadata (`gguf_file.MERGED_ADAPTERS_FIELD`)."""
-    if str(path).lower().endswith(".gguf") and os.path.isfile(path):
-        from spsft_jax.interop import gguf_file
-
-        return gguf_file.merged_adapters(path)
+    merged into its weights, in merge order; () when it records none. (`interop.merged_adapters`
+    reads a GGUF file's record too.)"""
     path = config_path(path)
     recorded = read_config_dict(path).get(MERGED_ADAPTERS_KEY) or []
     if not isinstance(recorded, list) or not all(isinstance(d, str) for d in recorded):

@@ -2,8 +2,7 @@
 
     load_hf("path/to/hf-llama")  ->  (cfg, params)      params as in `spsft_jax.llama`
     save_hf("out", cfg, params)  ->  out/config.json, out/model*.safetensors[, index], tokenizer files
-    save_merged("out", cfg, merged, model_dir="base", adapter_path="a.safetensors")
-                                 ->  the same, config.json recording the adapters merged in
+    (`merges.save_merged` writes the same, config.json recording the adapters merged in.)
 
 Names map declaratively: our pytree keeps HF's module names, so an HF key is
 the prefix of its top-level entry plus the leaf path, with `{i}` the layer index
@@ -30,7 +29,6 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from spsft_jax import llama, quant
-from spsft_jax.checkpoint import adapter_digest
 from spsft_jax.interop.config import (MERGED_ADAPTERS_KEY, config_path, config_to_hf, merged_adapters,
                                       read_config)
 from spsft_jax.outputs import output_dir
@@ -600,23 +598,3 @@ def save_hf(
                 if (source / name).is_file():
                     shutil.copy2(source / name, tmp / name)
     return Path(path)
-
-
-def check_not_merged(model_dir: str | os.PathLike, adapter_path: str | os.PathLike) -> None:
-    """Refuse an adapter that the model's config.json records as merged into its weights:
-    applying it again would add its delta twice (ValueError)."""
-    digest = adapter_digest(adapter_path)
-    if digest in merged_adapters(model_dir):
-        where = "metadata" if str(model_dir).lower().endswith(".gguf") else "config.json"
-        raise ValueError(f"{adapter_path}: already merged into {model_dir} (its {where} "
-                         f"records {digest}); apply it to the model it was trained on instead")
-
-
-def save_merged(path: str | os.PathLike, cfg: llama.LlamaConfig, params: llama.Params, *,
-                model_dir: str | os.PathLike, adapter_path: str | os.PathLike, **options) -> Path:
-    """`save_hf` of `params`, the model of `model_dir` with the adapter at `adapter_path`
-    merged in; config.json records the adapters `model_dir` records and this one.
-    An adapter `model_dir` already holds is refused (`check_not_merged`)."""
-    check_not_merged(model_dir, adapter_path)
-    record = merged_adapters(model_dir) + (adapter_digest(adapter_path),)
-    return save_hf(path, cfg, params, merged_adapters=record, **options)

@@ -37,25 +37,13 @@ from safetensors.numpy import save
 from spsft_jax import delta as deltas
 from spsft_jax import llama
 from spsft_jax import trees
+from spsft_jax.architecture import CONFIG_KEY, architecture, first_difference
 from spsft_jax.outputs import output_file
 
 DELTAS_KEY = "spsft_jax.deltas"
-CONFIG_KEY = "spsft_jax.config"
 TARGETS_KEY = "spsft_jax.targets"
 RUN_FILE = "run.json"
-# LlamaConfig fields that decide whether weights, adapters and states fit one another.
-ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                       "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mlp_bias")
 _TYPES = {cls.__name__: cls for cls in deltas.DELTA_TYPES}
-
-
-def architecture(cfg: Any) -> dict[str, Any]:
-    """The architecture fields of a `LlamaConfig` (what an adapter or state must match),
-    and the model family where it is not Llama (a Llama record names none)."""
-    fields = {f: getattr(cfg, f) for f in ARCHITECTURE_FIELDS if hasattr(cfg, f)}
-    if getattr(cfg, "model_type", "llama") != "llama":
-        fields["model_type"] = cfg.model_type
-    return fields
 
 
 def _weight_shape(shapes: Any, module_path: tuple[str, ...]) -> list[int]:
@@ -69,20 +57,6 @@ def target_shapes(cfg: Any, delta: Any) -> dict[str, list[int]]:
     """Module path -> the weight shape each delta of `delta` targets in a model of `cfg`."""
     shapes = llama.param_shapes(cfg)
     return {"/".join(p): _weight_shape(shapes, p) for p, _ in deltas.leaves(delta)}
-
-
-def first_difference(recorded: dict, current: dict, prefix: str = "") -> str | None:
-    """'field: made for X, this one has Y' for the first (nested) key whose values differ."""
-    for key in list(recorded) + [k for k in current if k not in recorded]:
-        a, b = recorded.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = first_difference(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b and not (isinstance(a, list | tuple) and isinstance(b, list | tuple)
-                             and list(a) == list(b)):
-            return f"{prefix}{key}: made for {a!r}, this one has {b!r}"
-    return None
 
 
 def check_delta(where: str, delta: Any, metadata: dict[str, str], cfg: Any, params: Any = None) -> None:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from spsft_jax.assets import default_asset
+from spsft_jax.train import DEFAULT_LR
 
 
 # --------------------------------------------------------------------------- helpers
@@ -83,13 +84,6 @@ def _tokenizer(args):
     from spsft_jax import data
 
     return data.load_tokenizer(args.tokenizer or args.model_files)
-
-
-# Learning rates that suit pretrained checkpoints, per method (the embedded model's job
-# sets its own). SPSFT on SmolLM2-135M-Instruct, 24 steps of 8 chat examples
-# (examples/chat_finetune.py): held-out loss 3.23 -> 2.08 at 2e-4, -> 1.68 at 1e-3.
-# LoRA and dense follow common practice (dense moves every weight, so it gets the least).
-DEFAULT_LR = {"spsft": 1e-3, "lora": 2e-4, "dense": 2e-5, "head": 1e-4}
 
 
 def _job_defaults(args) -> None:
@@ -392,7 +386,7 @@ def cmd_bench(args) -> int:
         setting = memory.SETTINGS[name]
         rows = memory.measure(setting, fractions=tuple(args.tokentune or ()),
                               execute=setting.execute and not args.compile_only)
-        print_rows(rows, as_json=args.json, header=name == (args.setting or list(memory.SETTINGS))[0])
+        memory.print_rows(rows, as_json=args.json, header=name == (args.setting or list(memory.SETTINGS))[0])
     return 0
 
 
@@ -406,7 +400,7 @@ def cmd_plan(args) -> int:
         if args.quantize:
             raise UsageError("--quantize with --mesh: plan the quantized step on one device")
         return _plan_on_mesh(args, cfg)
-    print_rows(memory.plan(cfg, rank=args.rank, seq_len=args.seq_len, batch_size=args.batch_size,
+    memory.print_rows(memory.plan(cfg, rank=args.rank, seq_len=args.seq_len, batch_size=args.batch_size,
                            remat=args.remat, update=args.update, dtype=getattr(jnp, args.dtype),
                            quantize=args.quantize), as_json=args.json)
     return 0
@@ -452,41 +446,6 @@ UPDATE_CHOICES = ["global", "per-layer"]
 UPDATE_HELP = ("global (default): the whole gradient, clipped by its global norm, then AdamW; "
                "per-layer: each layer updated inside the backward pass, so no gradient buffer is "
                "held, and each layer's gradient clipped on its own (needs --remat full or nested)")
-
-COLUMNS = (  # header, width, how a row shows it
-    ("setting", 10, lambda r: r["setting"]),
-    ("method", 18, lambda r: r["method"]),
-    ("weights", 8, lambda r: r.get("weights", "")),
-    ("rank", 5, lambda r: r["rank"] or ""),
-    ("tt", 5, lambda r: r["tokentune"] or ""),
-    ("remat", 6, lambda r: r["remat"] or "-"),
-    ("update", 9, lambda r: r.get("update") or "-"),
-    ("trainable", 13, lambda r: f"{r['trainable_params']:,}"),
-    ("mem GiB", 9, lambda r: f"{r['mem_bytes'] / GiB:.3f}"),
-    ("temp GiB", 9, lambda r: f"{r['temp_bytes'] / GiB:.3f}"),
-    ("TTL-M GiB", 10, lambda r: "" if r["mem_minus_inference_bytes"] is None
-     else f"{r['mem_minus_inference_bytes'] / GiB:.3f}"),
-    ("TTL/M", 6, lambda r: f"{r['ttl_over_m']:.2f}"),
-    ("step ms", 8, lambda r: "" if r["step_s"] is None else f"{1000 * r['step_s']:.1f}"),
-)
-
-
-def print_rows(rows: list[dict], *, as_json: bool = False, header: bool = True) -> None:
-    """`spsft_jax.memory.measure` rows as JSON lines or a fixed-width text table."""
-    def line(cells):
-        return " ".join(f"{c:<{w}}" if i < 3 else f"{c:>{w}}"
-                        for i, (c, (_, w, _)) in enumerate(zip(cells, COLUMNS)))
-
-    if as_json:
-        for r in rows:
-            print(json.dumps(r), flush=True)
-        return
-    if header:
-        top = line([h for h, _, _ in COLUMNS])
-        print(top + "\n" + "-" * len(top))
-    for r in rows:
-        print(line([str(show(r)) for _, _, show in COLUMNS]), flush=True)
-
 
 def cmd_convert(args) -> int:
     from spsft_jax import interop

@@ -19,7 +19,7 @@ layer has been updated:
   reports `finite=False` (`finetune` stops); the layers above it are already updated.
   A loss that is not finite updates nothing.
 
-The loss comes in `train.loss_parts`' pieces: the embeddings, the layer body and the
+The loss comes in `objective.loss_parts`' pieces: the embeddings, the layer body and the
 head with its loss, so TokenTune's two-path carry runs the same way as the plain
 hidden states. The forward pass keeps the input of every layer (remat "full") or of
 every group of `llama.layer_group_size` layers ("nested", whose backward pass
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from spsft_jax import delta as deltas
-from spsft_jax import llama
+from spsft_jax import llama, objective
 
 # The remat policies whose kept layer inputs this step recomputes its layers from.
 REMATS = ("full", "nested")
@@ -42,8 +42,6 @@ REMATS = ("full", "nested")
 def make_step(cfg: llama.LlamaConfig, tc, optimizer: optax.GradientTransformation):
     """The per-layer step for `tc` (a `train.TrainConfig` with update="per-layer"),
     not jitted."""
-    from spsft_jax import train  # train imports this module
-
     size = llama.nested_group_size(tc.remat, cfg.num_layers)  # 1: every layer's input kept
     groups = cfg.num_layers // size
 
@@ -52,9 +50,9 @@ def make_step(cfg: llama.LlamaConfig, tc, optimizer: optax.GradientTransformatio
         key = jax.random.split(key, 1)[0]  # the global step's key for its one micro-batch
         params = frozen["params"]
         weights = llama.layer_stack(cfg, params)
-        stack, finish = train.loss_parts(cfg, tc, params, micro, key)
+        stack, finish = objective.loss_parts(cfg, tc, params, micro, key)
         # LoRA dropout keys (not trained) join the fixed half.
-        _, fixed = deltas.split(train.with_dropout(deltas.combine(trainable["delta"], frozen["delta"]), key))
+        _, fixed = deltas.split(objective.with_dropout(deltas.combine(trainable["delta"], frozen["delta"]), key))
         fixed_layers = fixed.get("layers")
         rest, layers = _parts(trainable)
 

@@ -16,9 +16,9 @@ batch), `ttl_over_m` their ratio, `step_s` the median step time when the setting
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
+import json
 import statistics
 import time
 
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spsft_jax import importance, llama, train
+from spsft_jax.host import release_host_memory  # noqa: F401  (here too, as before)
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -81,26 +82,6 @@ def variants(setting: Setting, fractions=()) -> list[Variant]:
     for f in fractions:
         rows += [Variant("spsft", 2 * r, tokentune=f), Variant("lora", r, tokentune=f)]
     return rows
-
-
-# --------------------------------------------------------------------------- host memory
-
-
-def release_host_memory() -> None:
-    """Hand memory that is free but still held by the C allocator back to the system.
-
-    XLA's compiler leaves a few hundred MiB of freed scratch in the allocator's heap,
-    where the step's own large buffers (mapped separately) cannot reuse it; returning
-    it lowers the process's footprint by as much. glibc only (`malloc_trim`); a no-op
-    elsewhere.
-    """
-    gc.collect()
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 # --------------------------------------------------------------------------- one step
@@ -398,3 +379,41 @@ def plan_on_devices(cfg: llama.LlamaConfig, mesh, **options) -> dict:
         last = error[-1].split(": ", 1)[-1] if error else f"exit status {done.returncode}"
         raise ValueError(f"plan on {needed} forced CPU devices: {last}")
     return json.loads(found[-1])
+
+
+# --------------------------------------------------------------------------- tables
+
+GIB = 2**30
+COLUMNS = (  # header, width, how a row shows it
+    ("setting", 10, lambda r: r["setting"]),
+    ("method", 18, lambda r: r["method"]),
+    ("weights", 8, lambda r: r.get("weights", "")),
+    ("rank", 5, lambda r: r["rank"] or ""),
+    ("tt", 5, lambda r: r["tokentune"] or ""),
+    ("remat", 6, lambda r: r["remat"] or "-"),
+    ("update", 9, lambda r: r.get("update") or "-"),
+    ("trainable", 13, lambda r: f"{r['trainable_params']:,}"),
+    ("mem GiB", 9, lambda r: f"{r['mem_bytes'] / GIB:.3f}"),
+    ("temp GiB", 9, lambda r: f"{r['temp_bytes'] / GIB:.3f}"),
+    ("TTL-M GiB", 10, lambda r: "" if r["mem_minus_inference_bytes"] is None
+     else f"{r['mem_minus_inference_bytes'] / GIB:.3f}"),
+    ("TTL/M", 6, lambda r: f"{r['ttl_over_m']:.2f}"),
+    ("step ms", 8, lambda r: "" if r["step_s"] is None else f"{1000 * r['step_s']:.1f}"),
+)
+
+
+def print_rows(rows: list[dict], *, as_json: bool = False, header: bool = True) -> None:
+    """`spsft_jax.memory.measure` rows as JSON lines or a fixed-width text table."""
+    def line(cells):
+        return " ".join(f"{c:<{w}}" if i < 3 else f"{c:>{w}}"
+                        for i, (c, (_, w, _)) in enumerate(zip(cells, COLUMNS)))
+
+    if as_json:
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        return
+    if header:
+        top = line([h for h, _, _ in COLUMNS])
+        print(top + "\n" + "-" * len(top))
+    for r in rows:
+        print(line([str(show(r)) for _, _, show in COLUMNS]), flush=True)

@@ -34,6 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from spsft_jax import outputs
+from spsft_jax.architecture import CONFIG_KEY, architecture, first_difference
 from spsft_jax.llama import LlamaConfig
 from spsft_jax import trees
 from spsft_jax.trees import leaf_paths, nest
@@ -381,7 +382,6 @@ def save(
             raise TypeError(f"metadata[{key!r}]: must be a string, got {type(value).__name__}")
         info[key] = value
     if cfg is not None:
-        from spsft_jax.checkpoint import CONFIG_KEY, architecture
 
         for module, entry in entries(selection):
             _check_entry(f"selection {'/'.join(module)}", module, entry, cfg)
@@ -414,7 +414,6 @@ def load(path: str | os.PathLike, *, cfg: LlamaConfig | None = None) -> tuple[Se
                          f"is not supported (expected {FORMAT_VERSION!r})")
 
     if cfg is not None:
-        from spsft_jax.checkpoint import CONFIG_KEY, architecture, first_difference
 
         diff = first_difference(json.loads(info.get(CONFIG_KEY, "{}")), architecture(cfg)) \
             if CONFIG_KEY in info else None
