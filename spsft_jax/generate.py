@@ -160,6 +160,10 @@ def greedy(
                     stop_ids=eos_token_id, pad_id=pad_token_id)
 
 
+# Tokens `complete` generates at most when not told: a few sentences.
+DEFAULT_NEW_TOKENS = 96
+
+
 def complete(
     cfg: llama.LlamaConfig,
     params: llama.Params,
@@ -168,18 +172,23 @@ def complete(
     *,
     chat: bool = False,
     tokens=None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = 32,
     **options,
 ) -> list[str]:
     """Decoded continuations of `texts`: as raw prompts (with the tokenizer's own BOS), or
     with `chat=True` each as a user message through the chat template. `tokens`: the
-    `data.SpecialTokens` giving stop and padding ids (default: the tokenizer's)."""
+    `data.SpecialTokens` giving stop and padding ids (default: the tokenizer's).
+    max_new_tokens: None gives `DEFAULT_NEW_TOKENS`, or fewer where the model's context
+    leaves fewer after the longest prompt."""
     from spsft_jax import data
 
     if not texts:
         return []
     tokens = tokens or data.special_tokens(tokenizer)
     prompts = [data.chat_prompt(tokenizer, t) if chat else data.encode_text(tokenizer, t) for t in texts]
+    if max_new_tokens is None:
+        room = cfg.max_position_embeddings - max(map(len, prompts))
+        max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, room))
     for i, ids in enumerate(prompts, 1):
         if len(ids) + max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(f"prompt {i}: {len(ids)} tokens, with max_new_tokens={max_new_tokens} more, exceed "

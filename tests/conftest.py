@@ -124,5 +124,5 @@ def smollm2_converted(smollm2_gguf, tmp_path_factory):
     from spsft_jax import cli
 
     folder = tmp_path_factory.mktemp("smollm2-ours") / "model"
-    assert cli.main(["convert", smollm2_gguf, str(folder)]) == 0
+    assert cli.main(["convert", smollm2_gguf, "--out", str(folder)]) == 0
     return folder

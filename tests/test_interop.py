@@ -816,7 +816,7 @@ def test_gguf_of_another_architecture_is_refused(tmp_path):
     assert str(file) in msg and "'phi3'" in msg and "gemma3" in msg
     from spsft_jax import cli
 
-    assert cli.main(["convert", str(file), str(tmp_path / "out")]) == 2
+    assert cli.main(["convert", str(file), "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
 
 
