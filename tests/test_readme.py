@@ -9,9 +9,9 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def python_example() -> str:
-    """The first ```python block after the README's "A first example" heading."""
+    """The first ```python block after the README's "The Python API" heading."""
     text = README.read_text()
-    section = text[text.index("## A first example"):]
+    section = text[text.index("## The Python API"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
