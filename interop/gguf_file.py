@@ -24,6 +24,7 @@ reads them. Needs the `gguf` package, and transformers with torch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -517,11 +518,7 @@ def save_gguf(out_path: str | os.PathLike, cfg: llama.LlamaConfig, params: llama
         writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes),
                                raw_dtype=t.tensor_type)
 
-    with outputs.output_file(out_path, "wb", overwrite=overwrite) as f:
-        writer.fout = [f]
-        writer.state = gguf.gguf_writer.WriterState.EMPTY
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
+    with _written(writer, out_path, overwrite, gguf):
         writer.write_ti_data_to_file()
         for t in reader.tensors:
             if t.name in slots:
@@ -532,9 +529,22 @@ def save_gguf(out_path: str | os.PathLike, cfg: llama.LlamaConfig, params: llama
                 raise ValueError(f"tensor {t.name!r}: {data.nbytes} bytes to write, "
                                  f"{like_path} has {int(t.n_bytes)}")
             writer.write_tensor_data(data)
+    return Path(out_path)
+
+
+@contextlib.contextmanager
+def _written(writer, out_path, overwrite: bool, gguf):
+    """`writer` pointed at a temporary file renamed to `out_path` when the block ends
+    (`outputs.output_file`), with its header and metadata written; the block writes the
+    tensors."""
+    with outputs.output_file(out_path, "wb", overwrite=overwrite) as f:
+        writer.fout = [f]
+        writer.state = gguf.gguf_writer.WriterState.EMPTY
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        yield
         f.flush()
         writer.fout = None
-    return Path(out_path)
 
 
 # --------------------------------------------------------------------------- adapters
@@ -583,12 +593,6 @@ def save_gguf_adapter(out_path: str | os.PathLike, cfg: llama.LlamaConfig, delta
     writer.add_string(outputs.GGUF_ADAPTER_MARK, source)
     for name, array in tensors:
         writer.add_tensor(name, np.ascontiguousarray(array))
-    with outputs.output_file(out_path, "wb", overwrite=overwrite) as f:
-        writer.fout = [f]
-        writer.state = gguf.gguf_writer.WriterState.EMPTY
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
+    with _written(writer, out_path, overwrite, gguf):
         writer.write_tensors_to_file()
-        f.flush()
-        writer.fout = None
     return Path(out_path)
