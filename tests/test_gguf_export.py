@@ -383,6 +383,7 @@ def _cli(capsys, *argv):
     return code, out, err
 
 
+@pytest.mark.slow  # the whole command-line path on a GGUF
 def test_the_command_line_trains_on_a_gguf_and_exports_one(tiny_gguf, tmp_path, capsys):
     from spsft_jax.assets import default_asset
 
@@ -454,6 +455,7 @@ def test_gguf_command_line_refusals(tiny_gguf, tmp_path, capsys, argv, words):
     assert code == 2 and words in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow  # every method compiled for the plan
 def test_plan_reads_a_gguf_config(tiny_gguf, capsys):
     code, out, err = _cli(capsys, "plan", "--model", tiny_gguf, "--seq-len", 32)
     assert code == 0 and "spsft" in out, err

@@ -91,6 +91,7 @@ def test_layer_groups_of_nested_remat():
     assert [group(n) for n in (1, 2, 4, 6, 7, 30, 32, 80)] == [1, 2, 4, 2, 7, 5, 4, 8]
 
 
+@pytest.mark.slow  # 6 layers, every remat path trained twice
 def test_nested_remat_keeps_group_inputs_and_gives_the_gradient_of_full(tmp_path, capsys):
     """remat="nested" on 6 layers (3 groups of 2): the forward pass keeps the inputs of
     3 groups, not of 6 layers, and the gradient is "full"'s, through Taylor scores and
@@ -126,8 +127,10 @@ def test_nested_remat_keeps_group_inputs_and_gives_the_gradient_of_full(tmp_path
     for tokentune in (None, 0.5):  # TokenTune scans its two paths through the same layers
         runs = {r: train.finetune(params, selection, [batch], config=cfg, steps=3, learning_rate=1e-2,
                                   remat=r, tokentune=tokentune) for r in ("full", "nested")}
+        # Adam divides by the gradient's own scale, so last-bit differences in a near-zero
+        # gradient move its entry by more than rounding: 3e-5 is 0.3% of one step (lr 1e-2).
         for a, b in zip(*(jax.tree.leaves(run.delta) for run in runs.values())):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-5)
         losses = {r: [h["loss"] for h in run.history] for r, run in runs.items()}
         assert losses["nested"] == pytest.approx(losses["full"], rel=1e-6)
         assert losses["nested"][-1] < losses["nested"][0]

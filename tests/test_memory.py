@@ -24,6 +24,7 @@ def _row(rows, method, tokentune=None):
     return next(r for r in rows if r["method"] == method and r["tokentune"] == tokentune)
 
 
+@pytest.mark.slow  # the benchmark: every method compiled and run
 def test_rows_have_the_documented_fields(rows):
     assert {r["method"] for r in rows} >= {"inference", "dense", "head", "lora", "spsft",
                                            "lora-mlp", "spsft-mlp", "taylor", "taylor-elementwise"}
@@ -33,6 +34,7 @@ def test_rows_have_the_documented_fields(rows):
         assert (r["step_s"] is None) == (r["method"] in ("inference", "taylor-elementwise"))
 
 
+@pytest.mark.slow  # the benchmark: every method compiled and run
 def test_trainable_parameter_counts(rows):
     cfg, r = TINY.cfg, TINY.lora_rank
     shapes = cfg.linear_shapes()
@@ -44,6 +46,7 @@ def test_trainable_parameter_counts(rows):
     assert _row(rows, "head")["trainable_params"] == cfg.vocab_size * cfg.hidden_size
 
 
+@pytest.mark.slow  # the benchmark: every method compiled and run
 def test_memory_orderings(rows):
     inference = _row(rows, "inference")["mem_bytes"]
     for r in rows:
@@ -69,6 +72,7 @@ def test_cli_bench_prints_one_json_object_per_line(monkeypatch, capsys):
     assert all(FIELDS <= r.keys() and r["step_s"] is None for r in records)
 
 
+@pytest.mark.slow  # the benchmark: every method compiled and run
 def test_dependency_row_matches_plain_trainable_parameters(rows):
     assert (_row(rows, "spsft-mlp-dep")["trainable_params"]
             == pytest.approx(_row(rows, "spsft-mlp")["trainable_params"], rel=0.1))

@@ -162,6 +162,7 @@ def test_taylor_scores_read_the_dequantized_model(quantized, metric):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8), got, want)
 
 
+@pytest.mark.slow  # the whole command-line path on an int8 base
 def test_the_command_line_trains_on_an_int8_base_and_the_adapter_fits_the_float_model(tmp_path, capsys):
     from spsft_jax import cli
 

@@ -15,6 +15,7 @@ import spsft_jax as sj
 from spsft_jax import assets, classify, data, evaluate, importance, selection
 
 pytest.importorskip("matplotlib")
+pytestmark = pytest.mark.slow  # every experiment of the benchmark, end to end
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -223,8 +223,8 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def measured():
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
-           "JAX_PLATFORMS": "cpu"}
+    forced = f"--xla_force_host_platform_device_count={DEVICES}"
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {forced}", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", SCRIPT, ";".join(MESHES)], capture_output=True,
                           text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -234,6 +234,7 @@ def measured():
     return result
 
 
+@pytest.mark.slow  # several devices: one child process with 8 forced CPU devices
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("what", ["loss", "grad_norm", "delta"])
@@ -242,11 +243,13 @@ def test_sharded_training_equals_one_device(measured, method, mesh, what):
     assert measured[f"{method}/{mesh}"][what] <= TOL
 
 
+@pytest.mark.slow  # several devices: one child process with 8 forced CPU devices
 @pytest.mark.parametrize("what", ["loss", "delta"])
 def test_nested_remat_on_a_mesh_equals_full_on_one_device(measured, what):
     assert measured["nested/data=2,fsdp=4"][what] <= TOL
 
 
+@pytest.mark.slow  # several devices: one child process with 8 forced CPU devices
 @pytest.mark.parametrize("what", ["loss", "delta"])
 def test_per_layer_update_on_a_mesh_equals_the_global_update_on_one_device(measured, what):
     assert measured["per-layer/data=2,fsdp=4"][what] <= TOL
@@ -254,10 +257,12 @@ def test_per_layer_update_on_a_mesh_equals_the_global_update_on_one_device(measu
 
 @pytest.mark.parametrize("method,mesh", [(m, "data=2,fsdp=4") for m in METHODS]
                          + [("spsft", "data=8"), ("spsft", "fsdp=8")])
+@pytest.mark.slow  # several devices: one child process with 8 forced CPU devices
 def test_sharded_gradients_equal_one_device(measured, method, mesh):
     assert measured[f"grad/{method}/{mesh}"] <= TOL
 
 
+@pytest.mark.slow  # several devices: one child process with 8 forced CPU devices
 @pytest.mark.parametrize("mesh,fsdp", [("fsdp=8", 8), ("data=2,fsdp=4", 4)])
 def test_frozen_weights_trainable_and_optimizer_state_are_split(measured, mesh, fsdp):
     placed = measured[f"placement/{mesh}"]
@@ -271,11 +276,13 @@ def test_frozen_weights_trainable_and_optimizer_state_are_split(measured, mesh, 
     assert placed["device0_bytes"] < 1.2 * placed["total_bytes"] / fsdp
 
 
+@pytest.mark.slow  # several devices: one child process with 8 forced CPU devices
 @pytest.mark.parametrize("metric", ["taylor", "magnitude"])
 def test_importance_on_a_mesh_equals_one_device(measured, metric):
     assert measured["importance"][metric] <= TOL
 
 
+@pytest.mark.slow  # several devices: one child process with 8 forced CPU devices
 def test_sharded_load_equals_plain_load(measured):
     load = measured["load"]
     assert load["files"] >= 4 and load["same_structure"]
@@ -284,15 +291,18 @@ def test_sharded_load_equals_plain_load(measured):
     assert load["export_diff"] == 0.0
 
 
+@pytest.mark.slow  # several devices: one child process with 8 forced CPU devices
 def test_multiple_choice_scores_on_a_mesh_equal_one_device(measured):
     assert measured["multiple_choice"] <= TOL
 
 
+@pytest.mark.slow  # several devices: one child process with 8 forced CPU devices
 @pytest.mark.parametrize("what", ["loss", "delta"])
 def test_quantized_base_on_a_mesh_trains_as_on_one_device(measured, what):
     assert measured["quantized/data=2,fsdp=4"][what] <= TOL
 
 
+@pytest.mark.slow  # several devices: one child process with 8 forced CPU devices
 def test_quantized_bytes_are_split_by_rows(measured):
     (L, out, row_bytes), shards = measured["quantized/data=2,fsdp=4"]["bytes"]
     assert shards == [[L, out // 4, row_bytes]]
@@ -301,6 +311,7 @@ def test_quantized_bytes_are_split_by_rows(measured):
     assert load["quantized_shards"] == [[4, 1024 // 4, 256 // 64 * 36]]  # nf4 rows, a quarter each
 
 
+@pytest.mark.slow  # several devices: one child process with 8 forced CPU devices
 def test_sharded_load_holds_about_one_shard_of_host_memory(measured):
     load = measured["load"]
     bound = 1.5 * load["largest_file"] + 2**20
@@ -354,6 +365,7 @@ def test_plan_weights_shrink_with_fsdp():
     assert math.isclose(weights[8] / weights[1], 1 / 8, rel_tol=0.01)
 
 
+@pytest.mark.slow  # several devices: one child process with 8 forced CPU devices
 def test_cli_plan_on_a_mesh_compiles_on_forced_devices(capsys):
     """The test process has one device: the plan compiles in a child on 4 forced CPU devices."""
     from spsft_jax import cli, memory
@@ -374,6 +386,7 @@ def test_cli_plan_on_a_mesh_compiles_on_forced_devices(capsys):
     assert "does not split" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # several devices: one child process with 8 forced CPU devices
 def test_cli_select_on_a_mesh_equals_one_device(measured):
     assert measured["cli"]["same_selection"]
 

@@ -28,6 +28,7 @@ def rows(vs_peft, tmp_path_factory):
                          "--json", "--out", str(out)])
 
 
+@pytest.mark.slow  # the benchmark: both implementations train
 def test_each_row_has_the_documented_fields(rows):
     assert {(r["implementation"], r["method"]) for r in rows} == {
         ("peft", "lora"), ("spsft-jax", "lora"), ("spsft-jax", "spsft")}
@@ -39,12 +40,14 @@ def test_each_row_has_the_documented_fields(rows):
         json.dumps(r)
 
 
+@pytest.mark.slow  # the benchmark: both implementations train
 def test_both_sides_start_from_the_same_model_and_batch(rows):
     # LoRA's B and SPSFT's W_f start at zero: every first loss is the base model's.
     first = [r["loss_first"] for r in rows if r["tokentune"] is None]
     assert max(first) - min(first) < 1e-4
 
 
+@pytest.mark.slow  # the benchmark: both implementations train
 def test_trainable_parameters_match_peft(rows):
     peft = next(r for r in rows if r["implementation"] == "peft")
     ours = next(r for r in rows if r["implementation"] == "spsft-jax" and r["method"] == "lora")
