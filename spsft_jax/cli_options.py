@@ -4,8 +4,6 @@ An option that several commands take is declared once, by one function below; it
 arguments are only what truly differs between commands (a default, or a help text where
 the option means something narrower there). `COMMANDS`, at the end, lists each command
 with its one-line purpose, its options and the function that runs it.
-
-Nothing here imports JAX: `spsft-jax --help` stays fast.
 """
 from __future__ import annotations
 
@@ -28,13 +26,13 @@ DESCRIPTION = (
 DTYPES = ["float32", "bfloat16", "float16"]
 METHODS = ["spsft", "lora", "dense", "head"]
 DEFAULT_RANK = 16  # finetune's and plan's --rank: one meaning, one default
-# `llama.REMAT_POLICIES`, spelled out so that parsing arguments does not import JAX.
+# `llama.REMAT_POLICIES`, for the help text (a test keeps the two equal).
 REMAT_CHOICES = ["minimal", "full", "dots", "nested"]
 REMAT_HELP = ("recompute in the backward pass instead of keeping: by default norms, rotary, SwiGLU "
               "and the q, k, v projections; minimal (no matmul: fastest, most memory), full (each "
               "layer), dots (all but matmul outputs), nested (layers in groups: least memory, one "
               "more forward pass)")
-# `train.UPDATES`, spelled out for the same reason.
+# `train.UPDATES`, likewise.
 UPDATE_CHOICES = ["global", "per-layer"]
 UPDATE_HELP = ("global (default): the whole gradient, clipped by its global norm, then AdamW; "
                "per-layer: each layer updated inside the backward pass, so no gradient buffer is "
