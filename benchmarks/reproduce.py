@@ -1,6 +1,7 @@
 """The papers' comparisons at small scale, on SmolLM2-135M-Instruct and real text.
 
-    python benchmarks/reproduce.py --quick     # one seed, short runs (the committed docs/results.md)
+    python benchmarks/reproduce.py --quick     # one seed, short runs (the committed docs/results.md):
+                                               # 8-16 min on 2 CPU cores from cold, and Table 6 37 min
     python benchmarks/reproduce.py             # full: 3 seeds, longer runs, learning rates swept
     python benchmarks/reproduce.py --tiny      # the embedded tiny model: seconds, for the tests
 
@@ -762,8 +763,9 @@ def parse(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_const", dest="mode", const="quick",
-                       help="one seed, short runs (about 10 minutes on 2 idle cores, and Table 6 37 minutes "
-                            "on 2 busy ones)")
+                       help="one seed, short runs: 8 to 16 minutes on 2 CPU cores from cold (the "
+                            "SmolLM2 conversion and every compile included; the range is the cores' "
+                            "step time), and Table 6 37 minutes more")
     group.add_argument("--tiny", action="store_const", dest="mode", const="tiny",
                        help="the embedded tiny model, seconds (the tests run this)")
     p.set_defaults(mode="full")
