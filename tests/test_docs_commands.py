@@ -216,22 +216,13 @@ VOCAB = 3 + 256 + len(MERGES)
 CONTEXT = {"llama": 256, "qwen2": 256, "gemma3": 128}
 
 
-def _byte_alphabet() -> list[str]:
-    """GPT-2's printable spelling of each byte, in byte order."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    spelling, extra = {}, 0
-    for b in range(256):
-        if b in kept:
-            spelling[b] = chr(b)
-        else:
-            spelling[b], extra = chr(256 + extra), extra + 1
-    return [spelling[b] for b in range(256)]
-
-
 def _tokenizer_writer(gguf, family):
     """A GGUFWriter that adds `family`'s tokenizer to whatever a helper writes with it."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's spelling of each byte
+
     specials, bos, eos, pad, add_bos, pre, template = TOKENIZERS[family]
-    tokens = [*specials, *_byte_alphabet(), *(m.replace(" ", "") for m in MERGES)]
+    spelled = bytes_to_unicode()
+    tokens = [*specials, *(spelled[b] for b in range(256)), *(m.replace(" ", "") for m in MERGES)]
     assert len(tokens) == VOCAB
 
     class Writer(gguf.GGUFWriter):
